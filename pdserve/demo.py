@@ -1,0 +1,61 @@
+"""`pdserve demo`: bring up a local cluster, stream answers to a few chat prompts, print TTFT and TPOT, stop."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import sys
+import time
+
+from pdserve_client import AsyncClient
+
+from pdserve.cluster import deploy
+from pdserve.config import ServeConfig
+
+PROMPTS = (
+    "What is the capital of France? Answer in one sentence.",
+    "Give me three tips for writing clear code.",
+    "Explain in two sentences what a KV cache is in a language model.",
+)
+
+
+def _print(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+async def run_demo(config: ServeConfig, max_tokens: int = 96) -> int:
+    config = dataclasses.replace(
+        config,
+        ray=dataclasses.replace(config.ray, log_to_driver=False),
+        router=dataclasses.replace(config.router, port=0),
+    )
+    started = time.monotonic()
+    _print(f"starting {config.workers.instances} {config.workers.mode} instance(s) of {config.engine.model} ...\n")
+    deployment = await deploy(config)
+    _print(f"ready in {time.monotonic() - started:.1f} s, serving gRPC on {deployment.target}\n")
+    try:
+        async with AsyncClient(deployment.target) as client:
+            for prompt in PROMPTS:
+                _print(f"\n>>> {prompt}\n")
+                final = None
+                async for chunk in client.generate(
+                    [{"role": "user", "content": prompt}], max_tokens=max_tokens, temperature=0.0, timeout=120
+                ):
+                    _print(chunk.text)
+                    final = chunk.final or final
+                assert final is not None
+                t = final.timings
+                tpot = final.time_per_output_token
+                _print(
+                    f"\n[{final.decode_instance}] {final.completion_tokens} tokens, finish={final.finish_reason}, "
+                    f"TTFT {t.time_to_first_token * 1000:.0f} ms, TPOT {tpot * 1000:.1f} ms, "
+                    f"total {t.end_to_end:.2f} s\n"
+                )
+    finally:
+        await deployment.stop()
+    return 0
+
+
+def main(config: ServeConfig) -> int:
+    return asyncio.run(run_demo(config))

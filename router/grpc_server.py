@@ -1,0 +1,171 @@
+"""The gRPC frontend: translates `pdserve.v1` messages to `Request`s and `Delta`s to messages.
+
+Errors of the serving path (`ServeError`) become their gRPC status here, once. A request that protobuf
+cannot parse (a string field with invalid UTF-8, say) gets INVALID_ARGUMENT rather than gRPC's generic
+INTERNAL: the handlers are registered with a deserializer that reports the failure to the handler.
+Standard health checking and reflection are served beside the API.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from google.protobuf.message import DecodeError
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from pdserve_client.v1 import pdserve_pb2 as pb
+
+from pdserve import __version__
+from pdserve.router.errors import InvalidArgument, ServeError
+from pdserve.router.request import ChatMessage, Request, SamplingSpec
+from pdserve.router.service import Delta, Router, new_request_id
+
+log = logging.getLogger(__name__)
+
+SERVICE = "pdserve.v1.Generation"
+_FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
+
+
+@dataclass(frozen=True, slots=True)
+class Unparsable:
+    """Stands in for a request protobuf could not parse."""
+
+    reason: str
+
+
+def _tolerant(message_cls: Any) -> Callable[[bytes], Any]:
+    def parse(data: bytes) -> Any:
+        try:
+            return message_cls.FromString(data)
+        except (DecodeError, ValueError) as e:
+            return Unparsable(str(e))
+
+    return parse
+
+
+def request_from_proto(msg: pb.GenerateRequest, request_id: str, deadline: float | None) -> Request:
+    s = msg.sampling
+    sampling = SamplingSpec(
+        max_tokens=s.max_tokens,
+        temperature=s.temperature if s.HasField("temperature") else 1.0,
+        top_p=s.top_p if s.HasField("top_p") else 1.0,
+        top_k=s.top_k if s.HasField("top_k") else 0,
+        seed=s.seed if s.HasField("seed") else None,
+        ignore_eos=s.ignore_eos,
+        stop_token_ids=tuple(s.stop_token_ids),
+    )
+    which = msg.WhichOneof("input")
+    return Request(
+        request_id=request_id,
+        sampling=sampling,
+        model=msg.model,
+        prompt=msg.prompt if which == "prompt" else None,
+        chat=tuple(ChatMessage(m.role, m.content) for m in msg.chat.messages) if which == "chat" else None,
+        prompt_token_ids=tuple(msg.prompt_token_ids.ids) if which == "prompt_token_ids" else None,
+        arrival=time.monotonic(),
+        deadline=deadline,
+    )
+
+
+def delta_to_proto(request_id: str, delta: Delta) -> pb.GenerateResponse:
+    msg = pb.GenerateResponse(request_id=request_id, token_ids=delta.token_ids, text=delta.text)
+    o = delta.outcome
+    if o is not None:
+        t = o.timings
+        msg.final.finish_reason = _FINISH[o.finish_reason]
+        msg.final.usage.prompt_tokens = o.prompt_tokens
+        msg.final.usage.completion_tokens = o.completion_tokens
+        msg.final.prefill_instance = o.instance_id
+        msg.final.decode_instance = o.instance_id
+        msg.final.timings.CopyFrom(
+            pb.PhaseTimings(
+                router_queue=t.router_queue,
+                prefill_queue=t.prefill_queue,
+                prefill_compute=t.prefill_compute,
+                kv_transfer=t.kv_transfer,
+                decode_queue=t.decode_queue,
+                first_decode_step=t.first_decode_step,
+                decode=t.decode,
+                time_to_first_token=t.time_to_first_token,
+                end_to_end=t.end_to_end,
+            )
+        )
+    return msg
+
+
+class GenerationService:
+    def __init__(self, router: Router, info: pb.ServerInfo) -> None:
+        self._router = router
+        self._info = info
+
+    async def generate(self, msg: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
+        try:
+            if isinstance(msg, Unparsable):
+                raise InvalidArgument(
+                    f"the request is not a valid pdserve.v1.GenerateRequest ({msg.reason}); "
+                    "string fields must hold valid UTF-8"
+                )
+            remaining = context.time_remaining()
+            deadline = None if remaining is None else time.monotonic() + remaining
+            request = request_from_proto(msg, new_request_id(), deadline)
+            async for delta in self._router.generate(request):
+                yield delta_to_proto(request.request_id, delta)
+        except ServeError as e:
+            await context.abort(grpc.StatusCode[e.status], e.message)
+
+    async def get_server_info(self, msg: Any, context: grpc.aio.ServicerContext) -> pb.ServerInfo:
+        return self._info
+
+    async def list_models(self, msg: Any, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
+        model = pb.Model(id=self._info.default_model, max_model_len=self._info.max_model_len)
+        return pb.ListModelsResponse(models=[model])
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        methods = {
+            "Generate": grpc.unary_stream_rpc_method_handler(
+                self.generate, _tolerant(pb.GenerateRequest), pb.GenerateResponse.SerializeToString
+            ),
+            "GetServerInfo": grpc.unary_unary_rpc_method_handler(
+                self.get_server_info, _tolerant(pb.GetServerInfoRequest), pb.ServerInfo.SerializeToString
+            ),
+            "ListModels": grpc.unary_unary_rpc_method_handler(
+                self.list_models, _tolerant(pb.ListModelsRequest), pb.ListModelsResponse.SerializeToString
+            ),
+        }
+        return grpc.method_handlers_generic_handler(SERVICE, methods)
+
+
+def server_info(router: Router, mode: str) -> pb.ServerInfo:
+    n = router.registry.count("colocated")
+    return pb.ServerInfo(
+        version=__version__,
+        mode=mode,
+        default_model=router.limits.model_name,
+        max_model_len=router.limits.max_model_len,
+        max_tokens_limit=router.limits.max_tokens_limit,
+        prefill_instances=n,
+        decode_instances=n,
+    )
+
+
+async def start_grpc(router: Router, host: str, port: int) -> tuple[grpc.aio.Server, int]:
+    """Starts the frontend; returns the server and the port it bound (port 0 picks a free one)."""
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((GenerationService(router, server_info(router, "colocated")).handler(),))
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
+    reflection.enable_server_reflection(names, server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot listen on {host}:{port}")
+    await server.start()
+    for name in ("", SERVICE):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("gRPC frontend listening on %s:%d", host, bound)
+    return server, bound

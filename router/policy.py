@@ -1,0 +1,73 @@
+"""Placement policies: filter -> score -> pick over instance snapshots. Pure code.
+
+A policy receives the snapshots of every instance of one role and returns the id of the chosen one, or raises
+`NoInstance` when none is eligible. Policies keep no reference to live objects, so the same objects run in the
+router and in tests (and in the simulator) unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from pdserve.router.errors import NoInstance
+from pdserve.router.instance import InstanceSnapshot
+
+
+class Policy(Protocol):
+    name: str
+
+    def pick(self, snapshots: Sequence[InstanceSnapshot]) -> str: ...
+
+
+def eligible(snapshots: Sequence[InstanceSnapshot]) -> list[InstanceSnapshot]:
+    """The filter step every policy shares: healthy instances only."""
+    chosen = [s for s in snapshots if s.healthy]
+    if not chosen:
+        raise NoInstance(f"no healthy instance among {len(snapshots)}; retry when the cluster has recovered")
+    return chosen
+
+
+class RoundRobin:
+    """Each eligible instance in turn, in the order of the snapshots."""
+
+    name = "round_robin"
+
+    def __init__(self) -> None:
+        self._turn = 0
+
+    def pick(self, snapshots: Sequence[InstanceSnapshot]) -> str:
+        candidates = eligible(snapshots)
+        chosen = candidates[self._turn % len(candidates)]
+        self._turn += 1
+        return chosen.instance_id
+
+
+class LeastOutstanding:
+    """The instance with the fewest unfinished requests; ties go round-robin so equal instances share load."""
+
+    name = "least_outstanding"
+
+    def __init__(self) -> None:
+        self._turn = 0
+
+    def pick(self, snapshots: Sequence[InstanceSnapshot]) -> str:
+        candidates = eligible(snapshots)
+        fewest = min(s.outstanding for s in candidates)
+        tied = [s for s in candidates if s.outstanding == fewest]
+        chosen = tied[self._turn % len(tied)]
+        self._turn += 1
+        return chosen.instance_id
+
+
+POLICIES: dict[str, type[RoundRobin] | type[LeastOutstanding]] = {
+    RoundRobin.name: RoundRobin,
+    LeastOutstanding.name: LeastOutstanding,
+}
+
+
+def make_policy(name: str) -> Policy:
+    try:
+        return POLICIES[name]()
+    except KeyError:
+        raise ValueError(f"unknown policy {name!r}; choose one of {sorted(POLICIES)}") from None

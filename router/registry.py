@@ -1,0 +1,44 @@
+"""The instance registry: the router's live view of its workers (handles, outstanding requests).
+
+Policies never see this object, only the `InstanceSnapshot`s it hands out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from pdserve.engine import EngineInfo
+from pdserve.router.instance import InstanceSnapshot
+
+
+@dataclass(slots=True)
+class Instance:
+    instance_id: str
+    role: str
+    handle: Any  # the worker's Ray actor handle
+    info: EngineInfo
+    outstanding: int = 0
+    healthy: bool = True
+
+    def snapshot(self) -> InstanceSnapshot:
+        return InstanceSnapshot(self.instance_id, self.role, self.outstanding, self.healthy)
+
+
+class Registry:
+    def __init__(self, instances: list[Instance]) -> None:
+        if not instances:
+            raise ValueError("a registry needs at least one instance")
+        self._by_id = {i.instance_id: i for i in instances}
+
+    def snapshots(self, role: str) -> list[InstanceSnapshot]:
+        return [i.snapshot() for i in self._by_id.values() if i.role == role]
+
+    def get(self, instance_id: str) -> Instance:
+        return self._by_id[instance_id]
+
+    def all(self) -> list[Instance]:
+        return list(self._by_id.values())
+
+    def count(self, role: str) -> int:
+        return sum(1 for i in self._by_id.values() if i.role == role)

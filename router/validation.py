@@ -1,0 +1,86 @@
+"""Request validation: pure checks against the served model's limits.
+
+`check_request` runs before tokenization (fields alone), `check_prompt_tokens` after it (lengths, ids).
+Both raise `InvalidArgument` / `ModelNotFound` with a message naming the field and the accepted range.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from pdserve.router.errors import InvalidArgument, ModelNotFound
+from pdserve.router.request import Request
+
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What the served model and the operator accept."""
+
+    model_name: str
+    max_model_len: int
+    max_tokens_limit: int
+    vocab_size: int
+
+    def __post_init__(self) -> None:
+        if self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        if not 1 <= self.max_tokens_limit:
+            raise ValueError(f"max_tokens_limit must be >= 1, got {self.max_tokens_limit}")
+
+
+def check_request(request: Request, limits: Limits) -> None:
+    if request.model and request.model != limits.model_name:
+        raise ModelNotFound(f"model {request.model!r} is not served here; served models: [{limits.model_name!r}]")
+    _check_input(request)
+    s = request.sampling
+    if not 1 <= s.max_tokens <= limits.max_tokens_limit:
+        raise InvalidArgument(
+            f"sampling.max_tokens must be between 1 and {limits.max_tokens_limit}, got {s.max_tokens}"
+        )
+    if not math.isfinite(s.temperature) or s.temperature < 0:
+        raise InvalidArgument(f"sampling.temperature must be >= 0 (0 means greedy), got {s.temperature}")
+    if not math.isfinite(s.top_p) or not 0 < s.top_p <= 1:
+        raise InvalidArgument(f"sampling.top_p must be in (0, 1], got {s.top_p}")
+    if s.top_k < 0:
+        raise InvalidArgument(f"sampling.top_k must be >= 0 (0 disables it), got {s.top_k}")
+    _check_ids("sampling.stop_token_ids", s.stop_token_ids, limits.vocab_size)
+
+
+def _check_input(request: Request) -> None:
+    if request.prompt is not None:
+        if not request.prompt:
+            raise InvalidArgument("prompt is empty: send at least one character")
+    elif request.chat is not None:
+        if not request.chat:
+            raise InvalidArgument("chat.messages is empty: send at least one message")
+        for i, m in enumerate(request.chat):
+            if m.role not in CHAT_ROLES:
+                raise InvalidArgument(f"chat.messages[{i}].role must be one of {list(CHAT_ROLES)}, got {m.role!r}")
+    elif request.prompt_token_ids is not None:
+        if not request.prompt_token_ids:
+            raise InvalidArgument("prompt_token_ids.ids is empty: send at least one token id")
+    else:
+        raise InvalidArgument("the request has no input: set one of prompt, chat or prompt_token_ids")
+
+
+def check_prompt_tokens(prompt_token_ids: Sequence[int], limits: Limits) -> None:
+    n = len(prompt_token_ids)
+    if n == 0:
+        raise InvalidArgument("prompt is empty after tokenization: send at least one token")
+    # At least one token must fit after the prompt.
+    if n >= limits.max_model_len:
+        raise InvalidArgument(
+            f"prompt is {n} tokens long; this model accepts at most {limits.max_model_len - 1} prompt tokens "
+            f"(max_model_len {limits.max_model_len} includes at least one generated token)"
+        )
+    _check_ids("prompt_token_ids.ids", prompt_token_ids, limits.vocab_size)
+
+
+def _check_ids(field: str, ids: Sequence[int], vocab_size: int) -> None:
+    for t in ids:
+        if not 0 <= t < vocab_size:
+            raise InvalidArgument(f"{field} holds token id {t}; token ids must be in [0, {vocab_size})")
