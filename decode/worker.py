@@ -11,9 +11,10 @@ import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+from pdserve.router.request import SamplingSpec
+
 from pdserve.config import EngineConfig
 from pdserve.engine import Engine, EngineChunk, EngineInfo, EngineStats
-from pdserve.router.request import SamplingSpec
 
 
 class DecodeWorker:
@@ -45,6 +46,9 @@ class DecodeWorker:
 
     async def stats(self) -> EngineStats:
         return self._ready().stats()
+
+    async def wait_idle(self, timeout: float) -> EngineStats:
+        return await self._ready().wait_idle(timeout)
 
     async def pid(self) -> int:
         return os.getpid()

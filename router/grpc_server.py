@@ -18,12 +18,12 @@ import grpc
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from pdserve_client.v1 import pdserve_pb2 as pb
-
-from pdserve import __version__
 from pdserve.router.errors import InvalidArgument, ServeError
 from pdserve.router.request import ChatMessage, Request, SamplingSpec
 from pdserve.router.service import Delta, Router, new_request_id
+from pdserve_client.v1 import pdserve_pb2 as pb
+
+from pdserve import __version__
 
 log = logging.getLogger(__name__)
 

@@ -8,8 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from pdserve.engine import EngineInfo
 from pdserve.router.instance import InstanceSnapshot
+
+from pdserve.engine import EngineInfo
 
 
 @dataclass(slots=True)

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import ray
-
 from pdserve.router.errors import DeadlineExceeded, EngineFailure
 from pdserve.router.policy import Policy
 from pdserve.router.registry import Registry

@@ -7,11 +7,10 @@ still incomplete, so the concatenated deltas equal the decoded whole.
 
 from __future__ import annotations
 
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
-from tokenizers.decoders import DecodeStream
-
 from pdserve.router.errors import InvalidArgument
 from pdserve.router.request import Request
+from tokenizers.decoders import DecodeStream
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 
 class TextStream:

@@ -28,7 +28,7 @@ class Limits:
     def __post_init__(self) -> None:
         if self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
-        if not 1 <= self.max_tokens_limit:
+        if not self.max_tokens_limit >= 1:
             raise ValueError(f"max_tokens_limit must be >= 1, got {self.max_tokens_limit}")
 
 

@@ -11,13 +11,14 @@ request on the server, or leave the loop early (the stream is cancelled when it 
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterator
 
 import grpc
 
 from pdserve_client import _wire
 from pdserve_client._wire import Prompt, Sampling
-from pdserve_client.errors import from_rpc_error
+from pdserve_client.errors import Cancelled, from_rpc_error
 from pdserve_client.types import Chunk, Completion, ServerInfo
 from pdserve_client.v1 import pdserve_pb2 as pb
 from pdserve_client.v1 import pdserve_pb2_grpc as pb_grpc
@@ -105,6 +106,7 @@ class AsyncStream:
 
     def __init__(self, call: grpc.aio.UnaryStreamCall) -> None:
         self._call = call
+        self._cancelled = False
 
     async def __aiter__(self) -> AsyncIterator[Chunk]:
         try:
@@ -112,8 +114,15 @@ class AsyncStream:
                 yield _wire.chunk_from_proto(msg)
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
+        except asyncio.CancelledError:
+            # grpc.aio reports a call cancelled through cancel() as CancelledError; the sync client raises
+            # Cancelled there, and so does this one. A cancelled task still gets its CancelledError.
+            if not self._cancelled:
+                raise
+            raise Cancelled("the stream was cancelled by the client") from None
 
     def cancel(self) -> None:
+        self._cancelled = True
         self._call.cancel()
 
 

@@ -1,0 +1,54 @@
+import pytest
+from pydantic import ValidationError
+
+from pdserve.config import ServeConfig, config_from_dict, load_config
+
+
+def test_embedded_default_is_local_cpu_smollm2():
+    config = load_config()
+    assert config.ray.address is None
+    assert config.engine.model == "smollm2-135m-instruct"
+    assert config.workers.mode == "colocated"
+    assert config.workers.instances == 2
+
+
+def test_empty_file_means_defaults(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("")
+    assert load_config(path) == ServeConfig()
+
+
+def test_sections_override_defaults():
+    config = config_from_dict({"workers": {"instances": 3}, "router": {"policy": "round_robin"}})
+    assert config.workers.instances == 3
+    assert config.router.policy == "round_robin"
+    assert config.engine == ServeConfig().engine
+
+
+def test_unknown_keys_are_errors():
+    with pytest.raises(ValidationError, match="instancez"):
+        config_from_dict({"workers": {"instancez": 3}})
+    with pytest.raises(ValidationError, match="routr"):
+        config_from_dict({"routr": {}})
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"workers": {"instances": 0}}, "workers.instances must be >= 1"),
+        ({"router": {"policy": "fastest"}}, "router.policy must be one of"),
+        ({"engine": {"kv_cache_gib": 0}}, "engine.kv_cache_gib must be > 0"),
+        ({"engine": {"dtype": "int4"}}, "engine.dtype must be"),
+        ({"engine": {"max_model_len": 4096, "max_num_batched_tokens": 2048}}, "must be >= engine.max_model_len"),
+    ],
+)
+def test_bad_values_name_the_field(data, message):
+    with pytest.raises(ValidationError, match=message):
+        config_from_dict(data)
+
+
+def test_top_level_must_be_a_mapping(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("- a\n- b\n")
+    with pytest.raises(ValueError, match="top level must be a mapping"):
+        load_config(path)
