@@ -42,7 +42,13 @@ def init_ray(config: RayConfig) -> None:
 
 
 def worker_env(index: int, workers: WorkersConfig, engine: EngineConfig, node_cpus: int) -> dict[str, str]:
-    env = {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_LOGGING_LEVEL": engine.log_level}
+    env = {
+        "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+        "VLLM_LOGGING_LEVEL": engine.log_level,
+        # vLLM 0.32's ahead-of-time compile cache fails to load back ("'function' object has no attribute
+        # 'finalize_loading'") and recompiles on every start; its older cache path reloads.
+        "VLLM_USE_AOT_COMPILE": "0",
+    }
     if workers.bind_threads:
         c = workers.cpus_per_instance
         cores = sorted({(index * c + k) % node_cpus for k in range(c)})

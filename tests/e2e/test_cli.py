@@ -1,0 +1,71 @@
+"""The `pdserve` command as a user runs it: model prepare, demo, serve + generate (subprocesses)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import TINY_ENGINE
+
+pytestmark = pytest.mark.integration
+
+PDSERVE = [sys.executable, "-m", "pdserve.cli"]
+
+
+def tiny_config(tmp_path: Path, model: Path) -> Path:
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump({"engine": {"model": str(model), **TINY_ENGINE}, "router": {"port": 0}}))
+    return path
+
+
+def test_model_prepare_converts_once_and_reuses(tmp_path):
+    env = {**os.environ, "PDSERVE_CACHE_DIR": str(tmp_path)}
+    first = subprocess.run([*PDSERVE, "model", "prepare"], env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr
+    folder = Path(first.stdout.strip().splitlines()[-1])
+    assert folder == tmp_path / "models" / "smollm2-135m-instruct"
+    config = json.loads((folder / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and "quantization_config" not in config
+    assert (folder / "model.safetensors").stat().st_size > 400e6  # fp32 weights of 135M parameters
+    stamp = (folder / "model.safetensors").stat().st_mtime_ns
+    again = subprocess.run([*PDSERVE, "model", "prepare"], env=env, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0 and Path(again.stdout.strip().splitlines()[-1]) == folder
+    assert (folder / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_demo_streams_answers_with_timings_and_exits_0(tmp_path, tiny_model):
+    run = subprocess.run([*PDSERVE, "demo", "--config", str(tiny_config(tmp_path, tiny_model))],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = re.findall(r"\[colocated-\d\] (\d+) tokens, finish=\w+, TTFT \d+ ms, TPOT [\d.]+ ms", run.stdout)
+    assert len(lines) == 3 and all(int(n) > 0 for n in lines)
+
+
+def test_serve_then_generate_through_the_sdk(tmp_path, tiny_model):
+    server = subprocess.Popen([*PDSERVE, "serve", "--config", str(tiny_config(tmp_path, tiny_model))],
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert server.stdout is not None
+        port = None
+        for line in server.stdout:  # blocks until the server announces itself (or exits)
+            if m := re.search(r"serving gRPC on [\d.]+:(\d+)", line):
+                port = m.group(1)
+                break
+        assert port is not None, "the server exited before serving"
+        gen = subprocess.run([*PDSERVE, "generate", "Hello there", "--target", f"127.0.0.1:{port}",
+                              "--max-tokens", "5"], capture_output=True, text=True, timeout=120)
+        assert gen.returncode == 0, gen.stderr
+        assert re.search(r"\[\d+ tokens, (stop|length), TTFT \d+ ms", gen.stderr)
+        bad = subprocess.run([*PDSERVE, "generate", "Hello", "--target", f"127.0.0.1:{port}", "--max-tokens", "0"],
+                             capture_output=True, text=True, timeout=120)
+        assert bad.returncode == 1 and "INVALID_ARGUMENT: sampling.max_tokens must be between 1" in bad.stderr
+    finally:
+        server.terminate()
+        assert server.wait(timeout=120) == 0
