@@ -93,13 +93,11 @@ class Router:
 
     @staticmethod
     async def _next(stream: Any, request: Request) -> Any:
-        remaining = None if request.deadline is None else request.deadline - time.monotonic()
-        if remaining is not None and remaining <= 0:
-            raise DeadlineExceeded("the request's deadline passed before it finished")
         try:
-            # The generator hands out a reference once its object is ready, so awaiting it is immediate.
-            ref = await asyncio.wait_for(anext(stream), remaining)
-            return await ref
+            # asyncio.timeout_at costs no task per token, unlike wait_for; None means no deadline.
+            async with asyncio.timeout_at(request.deadline):
+                # The generator hands out a reference once its object is ready, so awaiting it is immediate.
+                return await (await anext(stream))
         except TimeoutError:
             raise DeadlineExceeded("the request's deadline passed before it finished") from None
         except StopAsyncIteration:

@@ -73,10 +73,10 @@ async def run(config: ServeConfig, requests: int, max_tokens: int) -> dict[str, 
     finally:
         engine.shutdown()
         await deployment.stop()
-    return summarize(samples)
+    return summarize(samples, max_tokens)
 
 
-def summarize(samples: dict[str, list[tuple[float, float]]]) -> dict[str, object]:
+def summarize(samples: dict[str, list[tuple[float, float]]], max_tokens: int) -> dict[str, object]:
     base, cand = samples["baseline"], samples["candidate"]
     overhead = [c[1] - b[1] for b, c in zip(base, cand, strict=True)]
     ttft_overhead = [c[0] - b[0] for b, c in zip(base, cand, strict=True)]
@@ -89,6 +89,11 @@ def summarize(samples: dict[str, list[tuple[float, float]]]) -> dict[str, object
         "overhead_p50_s": percentile(overhead, 50),
         "overhead_p90_s": percentile(overhead, 90),
         "ttft_overhead_p50_s": percentile(ttft_overhead, 50),
+        # What each token after the first adds: (request overhead - first-token overhead) / (tokens - 1).
+        "per_token_overhead_p50_s": percentile(
+            [(o - f) / max(1, max_tokens - 1) for o, f in zip(overhead, ttft_overhead, strict=True)], 50
+        ),
+        "max_tokens": max_tokens,
         "samples": samples,
     }
 
@@ -112,7 +117,9 @@ def main(args: argparse.Namespace) -> int:
     print(table(["path", "e2e p50 ms", "ratio"], rows))
     print(
         f"overhead per request: p50 {result['overhead_p50_s'] * 1000:.2f} ms, "
-        f"p90 {result['overhead_p90_s'] * 1000:.2f} ms; TTFT overhead p50 {result['ttft_overhead_p50_s'] * 1000:.2f} ms"
+        f"p90 {result['overhead_p90_s'] * 1000:.2f} ms; of which first token p50 "
+        f"{result['ttft_overhead_p50_s'] * 1000:.2f} ms, each further token p50 "
+        f"{result['per_token_overhead_p50_s'] * 1000:.2f} ms"
     )
     print(f"wrote {write_json(args.out, result)}")
     return 0

@@ -1,0 +1,33 @@
+import json
+import math
+
+import pytest
+
+from pdserve.bench.overhead import summarize
+from pdserve.bench.report import percentile, table, write_json
+
+
+def test_percentile_interpolates():
+    assert percentile([3.0, 1.0, 2.0], 50) == 2.0
+    assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
+    assert percentile([1.0, 2.0, 3.0, 4.0], 90) == pytest.approx(3.7)
+    assert percentile([5.0], 99) == 5.0
+    assert math.isnan(percentile([], 50))
+
+
+def test_overhead_is_paired_per_request():
+    # (ttft, e2e) per request; the candidate is slower by 10 ms, 2 ms of it at the first token.
+    base = [(0.010, 0.100), (0.020, 0.200), (0.015, 0.150)]
+    cand = [(0.012, 0.110), (0.022, 0.210), (0.017, 0.160)]
+    result = summarize({"baseline": base, "candidate": cand}, max_tokens=5)
+    assert result["overhead_p50_s"] == pytest.approx(0.010)
+    assert result["ttft_overhead_p50_s"] == pytest.approx(0.002)
+    assert result["per_token_overhead_p50_s"] == pytest.approx(0.002)
+    assert result["ratio_e2e_p50"] == pytest.approx(0.160 / 0.150)
+
+
+def test_table_and_json(tmp_path):
+    text = table(["name", "ms"], [["a", 1.5], ["bb", 10.25]])
+    assert text.splitlines() == ["name      ms", "----  ------", "   a   1.500", "  bb  10.250"]
+    path = write_json(tmp_path / "sub" / "r.json", {"x": 1})
+    assert json.loads(path.read_text()) == {"x": 1}
