@@ -75,6 +75,12 @@ def _bench_overhead(args: argparse.Namespace) -> int:
     return main(args)
 
 
+def _bench_transport(args: argparse.Namespace) -> int:
+    from pdserve.bench.transport import main
+
+    return main(["--size-mb", str(args.size_mb), "--repeats", str(args.repeats), "--json", args.out])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pdserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -109,6 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--model", default=None, help="model folder; default: the embedded default model")
     b.add_argument("--out", default="bench-results/overhead.json")
     b.set_defaults(func=_bench_overhead)
+    b = bsub.add_parser("transport", help="CPU KV transports (tcp, shm) against raw loopback TCP, side by side")
+    b.add_argument("--size-mb", type=float, default=64.0)
+    b.add_argument("--repeats", type=int, default=15)
+    b.add_argument("--out", default="bench-results/transport.json")
+    b.set_defaults(func=_bench_transport)
     return parser
 
 

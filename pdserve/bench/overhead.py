@@ -1,8 +1,9 @@
 """`pdserve bench overhead`: what the frontend, router and Ray add to a request, against the engine in-process.
 
 Baseline: the same engine glue called in this process. Candidate: the SDK -> gRPC -> router -> Ray actor ->
-engine path of a one-instance deployment. Both engines load the same model, each bound to its own core, and
-requests alternate between them (baseline, candidate, baseline, ...) so that machine noise hits both alike.
+engine path of a one-instance deployment. Both engines load the same model with their threads bound to the
+same core (core 0; the two never run at once: requests alternate baseline, candidate, baseline, ...), so that
+neither a faster core nor machine noise favours one side.
 The overhead of a request is candidate latency minus the baseline latency of its pair; its median is the
 figure to quote.
 """
@@ -57,7 +58,7 @@ async def run(config: ServeConfig, requests: int, max_tokens: int) -> dict[str, 
     from pdserve.engine import Engine
 
     deployment = await deploy(config)  # its one worker binds core 0
-    os.environ.update(VLLM_CPU_OMP_THREADS_BIND=str(1 % (os.cpu_count() or 1)), VLLM_CPU_NUM_OF_RESERVED_CPU="0")
+    os.environ.update(VLLM_CPU_OMP_THREADS_BIND="0", VLLM_CPU_NUM_OF_RESERVED_CPU="0")
     engine = Engine(config.engine, Path(config.engine.model))
     rng = random.Random(0)
     samples: dict[str, list[tuple[float, float]]] = {"baseline": [], "candidate": []}
