@@ -112,7 +112,7 @@ class ServeConfig:
 
 _STRICT = ConfigDict(extra="forbid")
 for _section in (RayConfig, EngineConfig, WorkersConfig, RouterConfig, ServeConfig):
-    _section.__pydantic_config__ = _STRICT  # type: ignore[attr-defined]
+    _section.__pydantic_config__ = _STRICT  # type: ignore[attr-defined,union-attr]
 _ADAPTER = TypeAdapter(ServeConfig)
 
 

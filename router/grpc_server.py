@@ -8,6 +8,7 @@ Standard health checking and reflection are served beside the API.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -113,8 +114,11 @@ class GenerationService:
             remaining = context.time_remaining()
             deadline = None if remaining is None else time.monotonic() + remaining
             request = request_from_proto(msg, new_request_id(), deadline)
-            async for delta in self._router.generate(request):
-                yield delta_to_proto(request.request_id, delta)
+            # aclosing: when the client goes away mid-stream, the router's clean-up (abort in the engine) runs
+            # now, not whenever the suspended generator is collected.
+            async with contextlib.aclosing(self._router.generate(request)) as deltas:
+                async for delta in deltas:
+                    yield delta_to_proto(request.request_id, delta)
         except ServeError as e:
             await context.abort(grpc.StatusCode[e.status], e.message)
 
