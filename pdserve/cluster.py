@@ -11,6 +11,7 @@ import asyncio
 import logging
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import ray
@@ -18,6 +19,7 @@ import ray
 from pdserve.config import EngineConfig, RayConfig, ServeConfig, WorkersConfig
 from pdserve.decode.worker import DecodeWorker
 from pdserve.models import resolve_model
+from pdserve.router.metrics import RouterMetrics, serve_metrics
 from pdserve.router.policy import make_policy
 from pdserve.router.registry import Instance, Registry
 from pdserve.router.service import COLOCATED, Router
@@ -79,6 +81,8 @@ class Deployment:
     router: Router
     server: grpc.aio.Server
     port: int
+    metrics_server: Any  # the /metrics HTTP server
+    metrics_port: int
 
     @property
     def target(self) -> str:
@@ -86,6 +90,7 @@ class Deployment:
 
     async def stop(self, grace: float = 5.0) -> None:
         await self.server.stop(grace)
+        self.metrics_server.shutdown()
         instances = self.router.registry.all()
         await asyncio.gather(*(i.handle.shutdown.remote() for i in instances), return_exceptions=True)
         for i in instances:
@@ -105,9 +110,11 @@ async def deploy(config: ServeConfig) -> Deployment:
         max_tokens_limit=config.router.max_tokens_limit,
         vocab_size=tokenizer.vocab_size,
     )
-    router = Router(Registry(instances), make_policy(config.router.policy), tokenizer, limits)
+    metrics = RouterMetrics()
+    router = Router(Registry(instances), make_policy(config.router.policy), tokenizer, limits, metrics)
     server, port = await start_grpc(router, config.router.host, config.router.port)
-    return Deployment(router, server, port)
+    metrics_server, metrics_port = serve_metrics(metrics, config.router.host, config.router.metrics_port)
+    return Deployment(router, server, port, metrics_server, metrics_port)
 
 
 def served_name(model: str) -> str:

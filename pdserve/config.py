@@ -77,13 +77,15 @@ class WorkersConfig:
 class RouterConfig:
     host: str = "127.0.0.1"
     port: int = 50051
+    metrics_port: int = 9400  # Prometheus /metrics over HTTP; 0 picks a free port
     policy: str = "least_outstanding"
     max_tokens_limit: int = 1024
     default_max_tokens: int = 128
 
     def __post_init__(self) -> None:
-        if not 0 <= self.port <= 65535:
-            raise ValueError(f"router.port must be in [0, 65535], got {self.port}")
+        for name in ("port", "metrics_port"):
+            if not 0 <= getattr(self, name) <= 65535:
+                raise ValueError(f"router.{name} must be in [0, 65535], got {getattr(self, name)}")
         if self.max_tokens_limit < 1:
             raise ValueError(f"router.max_tokens_limit must be >= 1, got {self.max_tokens_limit}")
         from pdserve.router.policy import POLICIES

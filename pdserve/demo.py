@@ -28,7 +28,7 @@ async def run_demo(config: ServeConfig, max_tokens: int = 96) -> int:
     config = dataclasses.replace(
         config,
         ray=dataclasses.replace(config.ray, log_to_driver=False),
-        router=dataclasses.replace(config.router, port=0),
+        router=dataclasses.replace(config.router, port=0, metrics_port=0),
     )
     started = time.monotonic()
     _print(f"starting {config.workers.instances} {config.workers.mode} instance(s) of {config.engine.model} ...\n")

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import ray
-from pdserve.router.errors import DeadlineExceeded, EngineFailure
+from pdserve.router.errors import DeadlineExceeded, EngineFailure, ServeError
+from pdserve.router.metrics import RouterMetrics
 from pdserve.router.policy import Policy
 from pdserve.router.registry import Registry
 from pdserve.router.request import Request
@@ -49,13 +50,34 @@ def new_request_id() -> str:
 
 
 class Router:
-    def __init__(self, registry: Registry, policy: Policy, tokenizer: PromptTokenizer, limits: Limits) -> None:
+    def __init__(
+        self, registry: Registry, policy: Policy, tokenizer: PromptTokenizer, limits: Limits, metrics: RouterMetrics
+    ) -> None:
+        self.metrics = metrics
         self.registry = registry
         self.policy = policy
         self.tokenizer = tokenizer
         self.limits = limits
 
     async def generate(self, request: Request) -> AsyncIterator[Delta]:
+        """Streams the request's deltas; every request that ends is counted once in the metrics, by outcome."""
+        ended = False
+        try:
+            async for delta in self._generate(request):
+                if delta.outcome is not None:
+                    o = delta.outcome
+                    self.metrics.finished(o.finish_reason, o.prompt_tokens, o.completion_tokens, o.timings)
+                    ended = True
+                yield delta
+        except ServeError as e:
+            self.metrics.ended_early(e.status)
+            ended = True
+            raise
+        finally:
+            if not ended:
+                self.metrics.ended_early("cancelled")
+
+    async def _generate(self, request: Request) -> AsyncIterator[Delta]:
         clock = Clock(arrival=request.arrival or time.monotonic())
         check_request(request, self.limits)
         prompt_ids = self.tokenizer.encode(request)
@@ -64,6 +86,7 @@ class Router:
         text = self.tokenizer.text_stream()
         produced = 0
         instance.outstanding += 1
+        self.metrics.running.inc()
         clock.dispatched = time.monotonic()
         stream = instance.handle.generate.remote(request.request_id, prompt_ids, request.sampling)
         finished = False
@@ -86,6 +109,7 @@ class Router:
                 yield Delta(chunk.token_ids, text.step(chunk.token_ids), outcome)
         finally:
             instance.outstanding -= 1
+            self.metrics.running.dec()
             if not finished:
                 # The client went away, the deadline passed or the worker failed: stop the engine's work.
                 ray.cancel(stream)

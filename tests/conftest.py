@@ -54,7 +54,7 @@ def deployment(tiny_model: Path) -> Iterator[Any]:
             "ray": {"num_cpus": os.cpu_count() or 2},
             "engine": {"model": str(tiny_model), **TINY_ENGINE},
             "workers": {"instances": 2},
-            "router": {"port": 0, "max_tokens_limit": 512},
+            "router": {"port": 0, "metrics_port": 0, "max_tokens_limit": 512},
         }
     )
     loop = LoopThread()

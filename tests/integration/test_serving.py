@@ -9,7 +9,7 @@ import pytest
 import ray
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from pdserve_client import AsyncClient, Cancelled, Client, DeadlineExceeded
+from pdserve_client import AsyncClient, Cancelled, Client, DeadlineExceeded, InvalidArgument
 
 pytestmark = pytest.mark.integration
 
@@ -120,3 +120,39 @@ def test_async_client_streams_and_cancels(deployment):
 
     asyncio.run(scenario())
     assert_engines_idle(deployment)
+
+
+def scrape(deployment) -> dict[tuple[str, tuple], float]:
+    """The router's /metrics over HTTP, as {(sample name, labels): value}."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{deployment.metrics_port}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def test_metrics_count_outcomes_tokens_and_latencies(client, deployment):
+    before = scrape(deployment)
+    client.complete([21, 22, 23], max_tokens=6, temperature=0.0, ignore_eos=True)
+    with pytest.raises(InvalidArgument):
+        list(client.generate("", max_tokens=4))
+    after = scrape(deployment)
+
+    def delta(name, **labels):
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    assert delta("pdserve_requests_total", outcome="length") == 1
+    assert delta("pdserve_requests_total", outcome="INVALID_ARGUMENT") == 1
+    assert delta("pdserve_generation_tokens_total") == 6
+    assert delta("pdserve_prompt_tokens_total") == 3
+    assert delta("pdserve_time_to_first_token_seconds_count") == 1
+    assert delta("pdserve_time_per_output_token_seconds_count") == 1
+    assert delta("pdserve_request_phase_seconds_count", phase="prefill_compute") == 1
+    assert after[("pdserve_requests_running", ())] == 0

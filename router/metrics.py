@@ -1,0 +1,62 @@
+"""Prometheus metrics of the router: request latencies, per-phase timings, outcomes, tokens, load.
+
+Names follow Prometheus conventions (`pdserve_` prefix, `_seconds`, `_total`). Each `RouterMetrics` owns its
+registry, so several routers (tests) never collide; `serve_metrics` exposes one over HTTP.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from pdserve.router.timings import PhaseTimings
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+# Latencies of a CPU-served small model span milliseconds to minutes.
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_PHASES = ("router_queue", "prefill_queue", "prefill_compute", "kv_transfer", "decode_queue",
+           "first_decode_step", "decode")
+
+
+class RouterMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.ttft = Histogram("pdserve_time_to_first_token_seconds", "Arrival at the router to first token sent",
+                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.tpot = Histogram("pdserve_time_per_output_token_seconds",
+                              "(end-to-end - TTFT) / (completion tokens - 1), requests of 2+ tokens",
+                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.e2e = Histogram("pdserve_e2e_request_latency_seconds", "Arrival at the router to last token sent",
+                             buckets=_LATENCY_BUCKETS, registry=r)
+        self.phase = Histogram("pdserve_request_phase_seconds", "Seconds a finished request spent in each phase",
+                               ["phase"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.requests = Counter("pdserve_requests", "Requests that ended, by outcome (finish reason or status)",
+                                ["outcome"], registry=r)
+        self.prompt_tokens = Counter("pdserve_prompt_tokens", "Prompt tokens of finished requests", registry=r)
+        self.generation_tokens = Counter("pdserve_generation_tokens", "Tokens generated for finished requests",
+                                         registry=r)
+        self.running = Gauge("pdserve_requests_running", "Requests placed on an instance and not ended",
+                             registry=r)
+
+    def finished(self, finish_reason: str, prompt_tokens: int, completion_tokens: int, t: PhaseTimings) -> None:
+        self.requests.labels(finish_reason).inc()
+        self.prompt_tokens.inc(prompt_tokens)
+        self.generation_tokens.inc(completion_tokens)
+        self.ttft.observe(t.time_to_first_token)
+        self.e2e.observe(t.end_to_end)
+        if completion_tokens > 1:
+            self.tpot.observe((t.end_to_end - t.time_to_first_token) / (completion_tokens - 1))
+        values = dataclasses.asdict(t)
+        for phase in _PHASES:
+            self.phase.labels(phase).observe(values[phase])
+
+    def ended_early(self, outcome: str) -> None:
+        """A request that did not finish: a gRPC status name, or "cancelled" when the client went away."""
+        self.requests.labels(outcome).inc()
+
+
+def serve_metrics(metrics: RouterMetrics, host: str, port: int) -> tuple[Any, int]:
+    """Starts the /metrics HTTP endpoint on a thread; returns the server (call `shutdown()`) and its port."""
+    server, _ = start_http_server(port, addr=host, registry=metrics.registry)
+    return server, server.server_port
