@@ -8,7 +8,9 @@ STAMP := $(VENV)/.installed
 
 # Pure modules (no I/O): type-checked strictly by mypy as part of the tests.
 PURE := router/policy.py router/validation.py router/timings.py router/instance.py router/request.py \
-	router/errors.py kv_transfer/ticket.py kv_transfer/ledger.py pdserve/config.py
+	router/errors.py router/prediction.py router/placement.py router/kv_placement.py router/prefill_placement.py \
+	router/admission.py router/length_policies.py kv_transfer/ticket.py kv_transfer/ledger.py pdserve/config.py \
+	pdserve/sim
 
 $(STAMP): pyproject.toml client/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

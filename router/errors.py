@@ -41,3 +41,13 @@ class EngineFailure(ServeError):
     """The engine failed while running the request."""
 
     status = "INTERNAL"
+
+
+class Overloaded(ServeError):
+    """No instance can take the request's projected load now; `retry_after_s` says when trying again may work."""
+
+    status = "RESOURCE_EXHAUSTED"
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s

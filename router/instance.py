@@ -1,8 +1,23 @@
-"""The `Instance` noun as policies see it: `InstanceSnapshot`, one worker's load at a moment. Plain data."""
+"""The `Instance` noun as policies see it: `InstanceSnapshot`, one worker's load at a moment. Plain data.
+
+Fields past `healthy` describe load for length-aware policies; their defaults mean "not reported", so a
+snapshot built with only the first four fields still works with every policy. `kv_capacity_tokens == 0`
+means the capacity is unknown (no instance is filtered out for lack of KV memory).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class RequestLoad:
+    """One request an instance holds or will hold: KV tokens now and output tokens predicted still to come."""
+
+    tokens: int  # KV tokens held now: prompt plus tokens generated so far
+    remaining_p50: int
+    remaining_p90: int
+    remaining_max: int  # max_tokens minus tokens generated so far: the most it can still grow
 
 
 @dataclass(frozen=True, slots=True)
@@ -11,3 +26,11 @@ class InstanceSnapshot:
     role: str  # "colocated", "prefill" or "decode"
     outstanding: int  # requests placed on it and not yet finished
     healthy: bool = True
+    kv_capacity_tokens: int = 0  # 0: unknown
+    running: tuple[RequestLoad, ...] = ()  # placed and unfinished, whether running, waiting or still in prefill
+    queued_prefill_tokens: int = 0  # prompt tokens queued or in progress that still have to be computed
+    cached_prefixes: frozenset[int] = frozenset()  # prefix hashes (see `Placement`) held in its prefix cache
+
+    @property
+    def kv_tokens(self) -> int:
+        return sum(r.tokens for r in self.running)

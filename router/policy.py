@@ -1,23 +1,26 @@
 """Placement policies: filter -> score -> pick over instance snapshots. Pure code.
 
-A policy receives the snapshots of every instance of one role and returns the id of the chosen one, or raises
-`NoInstance` when none is eligible. Policies keep no reference to live objects, so the same objects run in the
-router and in tests (and in the simulator) unchanged.
+A policy receives the snapshots of every instance of one role, and optionally the `Placement` of the request
+(length-aware policies need it; the others ignore it), and returns the id of the chosen one, or raises
+`NoInstance` when none is eligible (`Overloaded` when none can take the request's projected load). Policies
+keep no reference to live objects, so the same objects run in the router and in tests (and in the simulator)
+unchanged.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from pdserve.router.errors import NoInstance
 from pdserve.router.instance import InstanceSnapshot
+from pdserve.router.placement import Placement
 
 
 class Policy(Protocol):
     name: str
 
-    def pick(self, snapshots: Sequence[InstanceSnapshot]) -> str: ...
+    def pick(self, snapshots: Sequence[InstanceSnapshot], placement: Placement | None = None) -> str: ...
 
 
 def eligible(snapshots: Sequence[InstanceSnapshot]) -> list[InstanceSnapshot]:
@@ -36,7 +39,7 @@ class RoundRobin:
     def __init__(self) -> None:
         self._turn = 0
 
-    def pick(self, snapshots: Sequence[InstanceSnapshot]) -> str:
+    def pick(self, snapshots: Sequence[InstanceSnapshot], placement: Placement | None = None) -> str:
         candidates = eligible(snapshots)
         chosen = candidates[self._turn % len(candidates)]
         self._turn += 1
@@ -51,7 +54,7 @@ class LeastOutstanding:
     def __init__(self) -> None:
         self._turn = 0
 
-    def pick(self, snapshots: Sequence[InstanceSnapshot]) -> str:
+    def pick(self, snapshots: Sequence[InstanceSnapshot], placement: Placement | None = None) -> str:
         candidates = eligible(snapshots)
         fewest = min(s.outstanding for s in candidates)
         tied = [s for s in candidates if s.outstanding == fewest]
@@ -60,9 +63,19 @@ class LeastOutstanding:
         return chosen.instance_id
 
 
-POLICIES: dict[str, type[RoundRobin] | type[LeastOutstanding]] = {
+def _length_aware(name: str) -> Callable[[], Policy]:
+    def make() -> Policy:
+        from pdserve.router.length_policies import LENGTH_AWARE  # late: those policies build on this module
+
+        return LENGTH_AWARE[name]()
+
+    return make
+
+
+POLICIES: dict[str, Callable[[], Policy]] = {
     RoundRobin.name: RoundRobin,
     LeastOutstanding.name: LeastOutstanding,
+    **{name: _length_aware(name) for name in ("projected_kv", "least_kv", "max_tokens_weighted", "prefix_affinity")},
 }
 
 

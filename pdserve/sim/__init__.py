@@ -1,0 +1,12 @@
+"""A discrete-event simulator of a prefill/decode cluster that drives the router's own policy objects.
+
+Pure: no Ray, gRPC or engine. `run(SimConfig, decode_policy, prefill_policy)` returns per-request timings;
+`summarize` turns them into a per-policy summary. See `simulator` for the event model.
+"""
+
+from pdserve.sim.cost import CostModel
+from pdserve.sim.report import Summary, summarize
+from pdserve.sim.simulator import SimConfig, SimResult, run
+from pdserve.sim.workload import WorkloadConfig, generate
+
+__all__ = ["CostModel", "SimConfig", "SimResult", "Summary", "WorkloadConfig", "generate", "run", "summarize"]

@@ -1,0 +1,61 @@
+"""`CostModel`: how long an instance takes to prefill and to decode, as plain linear coefficients.
+
+Contract: prefill of `n` uncached tokens takes `prefill_base_s + prefill_per_token_s * n
++ prefill_per_token_sq_s * n * n` (the square term is attention); one decode step of a batch of `b`
+requests holding `c` KV tokens in all takes `decode_base_s + decode_per_seq_s * b + decode_per_ctx_token_s * c`
+(weights read once per step, plus KV read per token); moving a request's KV takes `transfer_per_token_s`
+per prompt token.
+
+The defaults are plausible, not measured: an 8B-parameter fp16 model on one 80 GB GPU (about 8 ms to read
+the weights per step, ~128 KiB of KV per token read at ~2 TB/s, ~20k prefill tokens/s, ~25 GB/s between
+instances). A calibration command that measures real step times is to set them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class CostModel:
+    prefill_base_s: float = 0.004
+    prefill_per_token_s: float = 5.0e-5
+    prefill_per_token_sq_s: float = 2.0e-9
+    decode_base_s: float = 0.008
+    decode_per_seq_s: float = 2.0e-5
+    decode_per_ctx_token_s: float = 6.5e-8
+    transfer_per_token_s: float = 5.0e-6
+    kv_capacity_tokens: int = 400_000  # per decode instance: (80 GB - weights) / 128 KiB per token
+
+    def __post_init__(self) -> None:
+        if min(self.prefill_base_s, self.prefill_per_token_s, self.prefill_per_token_sq_s, self.decode_per_seq_s,
+               self.decode_per_ctx_token_s, self.transfer_per_token_s) < 0 or self.decode_base_s <= 0:
+            raise ValueError("cost model coefficients must be >= 0, and decode_base_s > 0")
+        if self.kv_capacity_tokens < 1:
+            raise ValueError(f"kv_capacity_tokens must be >= 1, got {self.kv_capacity_tokens}")
+
+    def prefill_s(self, tokens: int) -> float:
+        return self.prefill_base_s + self.prefill_per_token_s * tokens + self.prefill_per_token_sq_s * tokens * tokens
+
+    def step_s(self, batch: int, context_tokens: int) -> float:
+        return self.decode_base_s + self.decode_per_seq_s * batch + self.decode_per_ctx_token_s * context_tokens
+
+    def steps_s(self, batch: int, context_tokens: int, steps: int) -> float:
+        """`steps` steps of an unchanged batch: the context grows by `batch` tokens each step (arithmetic sum)."""
+        first = self.step_s(batch, context_tokens)
+        return steps * first + self.decode_per_ctx_token_s * batch * steps * (steps - 1) / 2
+
+    def steps_done(self, batch: int, context_tokens: int, elapsed_s: float) -> int:
+        """How many whole steps of an unchanged batch fit in `elapsed_s` (the inverse of `steps_s`)."""
+        a = self.step_s(batch, context_tokens)
+        b = self.decode_per_ctx_token_s * batch
+        if b == 0:
+            n = int(elapsed_s / a)
+        else:  # solve b/2 n^2 + (a - b/2) n = elapsed for n, then fix float rounding
+            lin = a - b / 2
+            n = int((-lin + (lin * lin + 2 * b * elapsed_s) ** 0.5) / b)
+        while n > 0 and self.steps_s(batch, context_tokens, n) > elapsed_s:
+            n -= 1
+        while self.steps_s(batch, context_tokens, n + 1) <= elapsed_s:
+            n += 1
+        return n
