@@ -91,6 +91,11 @@ class ProjectedKv:
         )
 
 
+def capacity_share(tokens: int, s: InstanceSnapshot) -> float:
+    """`tokens` as a share of the instance's KV capacity; raw tokens when the capacity is unknown."""
+    return tokens / s.kv_capacity_tokens if s.kv_capacity_tokens > 0 else float(tokens)
+
+
 @dataclass(slots=True)
 class LeastKv:
     """Baseline: the lowest share of KV capacity in use now (tokens when capacity is unknown); no projection."""
@@ -100,8 +105,7 @@ class LeastKv:
 
     def pick(self, snapshots: Sequence[InstanceSnapshot], placement: Placement | None = None) -> str:
         def score(s: InstanceSnapshot) -> Score:
-            used = s.kv_tokens
-            return (used / s.kv_capacity_tokens if s.kv_capacity_tokens > 0 else float(used),)
+            return (capacity_share(s.kv_tokens, s),)
 
         chosen = pick_lowest(eligible(snapshots), score, self._turn)
         self._turn += 1
@@ -117,8 +121,7 @@ class MaxTokensWeighted:
 
     def pick(self, snapshots: Sequence[InstanceSnapshot], placement: Placement | None = None) -> str:
         def score(s: InstanceSnapshot) -> Score:
-            reserved = sum(r.tokens + r.remaining_max for r in s.running)
-            return (reserved / s.kv_capacity_tokens if s.kv_capacity_tokens > 0 else float(reserved),)
+            return (capacity_share(sum(r.tokens + r.remaining_max for r in s.running), s),)
 
         chosen = pick_lowest(eligible(snapshots), score, self._turn)
         self._turn += 1
