@@ -11,10 +11,9 @@ import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from pdserve.router.request import SamplingSpec
-
 from pdserve.config import EngineConfig
 from pdserve.engine import Engine, EngineChunk, EngineInfo, EngineStats
+from pdserve.router.request import SamplingSpec
 
 
 class DecodeWorker:

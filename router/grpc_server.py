@@ -12,19 +12,19 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from pdserve.router.errors import InvalidArgument, ServeError
-from pdserve.router.request import ChatMessage, Request, SamplingSpec
-from pdserve.router.service import Delta, Router, new_request_id
 from pdserve_client.v1 import pdserve_pb2 as pb
 
 from pdserve import __version__
+from pdserve.router.errors import InvalidArgument, ServeError
+from pdserve.router.request import ChatMessage, Request, SamplingSpec
+from pdserve.router.service import COLOCATED, Delta, Router, new_request_id
 
 log = logging.getLogger(__name__)
 
@@ -83,19 +83,8 @@ def delta_to_proto(request_id: str, delta: Delta) -> pb.GenerateResponse:
         msg.final.usage.completion_tokens = o.completion_tokens
         msg.final.prefill_instance = o.instance_id
         msg.final.decode_instance = o.instance_id
-        msg.final.timings.CopyFrom(
-            pb.PhaseTimings(
-                router_queue=t.router_queue,
-                prefill_queue=t.prefill_queue,
-                prefill_compute=t.prefill_compute,
-                kv_transfer=t.kv_transfer,
-                decode_queue=t.decode_queue,
-                first_decode_step=t.first_decode_step,
-                decode=t.decode,
-                time_to_first_token=t.time_to_first_token,
-                end_to_end=t.end_to_end,
-            )
-        )
+        # The wire message and the dataclass have the same fields, by name.
+        msg.final.timings.CopyFrom(pb.PhaseTimings(**asdict(t)))
     return msg
 
 
@@ -145,7 +134,7 @@ class GenerationService:
 
 
 def server_info(router: Router, mode: str) -> pb.ServerInfo:
-    n = router.registry.count("colocated")
+    n = router.registry.count(COLOCATED)
     return pb.ServerInfo(
         version=__version__,
         mode=mode,
@@ -160,7 +149,7 @@ def server_info(router: Router, mode: str) -> pb.ServerInfo:
 async def start_grpc(router: Router, host: str, port: int) -> tuple[grpc.aio.Server, int]:
     """Starts the frontend; returns the server and the port it bound (port 0 picks a free one)."""
     server = grpc.aio.server()
-    server.add_generic_rpc_handlers((GenerationService(router, server_info(router, "colocated")).handler(),))
+    server.add_generic_rpc_handlers((GenerationService(router, server_info(router, COLOCATED)).handler(),))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)

@@ -9,8 +9,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from pdserve.router.timings import PhaseTimings
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from pdserve.router.timings import PhaseTimings
 
 # Latencies of a CPU-served small model span milliseconds to minutes.
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)

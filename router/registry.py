@@ -8,9 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from pdserve.router.instance import InstanceSnapshot
-
 from pdserve.engine import EngineInfo
+from pdserve.router.instance import InstanceSnapshot
 
 
 @dataclass(slots=True)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import ray
+
 from pdserve.router.errors import DeadlineExceeded, EngineFailure, ServeError
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.policy import Policy

@@ -7,10 +7,11 @@ still incomplete, so the concatenated deltas equal the decoded whole.
 
 from __future__ import annotations
 
-from pdserve.router.errors import InvalidArgument
-from pdserve.router.request import Request
 from tokenizers.decoders import DecodeStream
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from pdserve.router.errors import InvalidArgument
+from pdserve.router.request import Request
 
 
 class TextStream:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from pdserve_client.types import Chunk, Final, PhaseTimings, ServerInfo
 from pdserve_client.v1 import pdserve_pb2 as pb
 
 GENERATE_METHOD = "/pdserve.v1.Generation/Generate"
+
+_TIMING_FIELDS = tuple(f.name for f in fields(PhaseTimings))
 
 _FINISH = {
     pb.FINISH_REASON_STOP: "stop",
@@ -67,17 +69,8 @@ def chunk_from_proto(msg: pb.GenerateResponse) -> Chunk:
             finish_reason=_FINISH.get(f.finish_reason, "unspecified"),
             prompt_tokens=f.usage.prompt_tokens,
             completion_tokens=f.usage.completion_tokens,
-            timings=PhaseTimings(
-                router_queue=t.router_queue,
-                prefill_queue=t.prefill_queue,
-                prefill_compute=t.prefill_compute,
-                kv_transfer=t.kv_transfer,
-                decode_queue=t.decode_queue,
-                first_decode_step=t.first_decode_step,
-                decode=t.decode,
-                time_to_first_token=t.time_to_first_token,
-                end_to_end=t.end_to_end,
-            ),
+            # The dataclass mirrors the wire message field for field.
+            timings=PhaseTimings(**{name: getattr(t, name) for name in _TIMING_FIELDS}),
             prefill_instance=f.prefill_instance,
             decode_instance=f.decode_instance,
         )

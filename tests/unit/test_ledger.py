@@ -4,6 +4,7 @@ import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, invariant, rule
+
 from pdserve.kv_transfer.ledger import (
     BlockInUse,
     BlockLedger,

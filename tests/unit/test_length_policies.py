@@ -1,4 +1,5 @@
 import pytest
+
 from pdserve.router.admission import BoundedQueue
 from pdserve.router.errors import NoInstance, Overloaded
 from pdserve.router.instance import InstanceSnapshot, RequestLoad

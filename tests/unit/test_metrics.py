@@ -1,4 +1,5 @@
 import pytest
+
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.timings import PhaseTimings
 

@@ -1,4 +1,5 @@
 import pytest
+
 from pdserve.router.errors import NoInstance
 from pdserve.router.instance import InstanceSnapshot
 from pdserve.router.policy import LeastOutstanding, RoundRobin, make_policy

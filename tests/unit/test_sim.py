@@ -2,10 +2,10 @@ import itertools
 import math
 
 import pytest
+
 from pdserve.router.kv_placement import ProjectedKv
 from pdserve.router.policy import RoundRobin
 from pdserve.router.prefill_placement import PrefixAffinity
-
 from pdserve.sim import CostModel, SimConfig, WorkloadConfig, generate, run, summarize
 
 SMALL = SimConfig(WorkloadConfig(requests=600, rate_rps=40.0, seed=3), CostModel(kv_capacity_tokens=12_000),

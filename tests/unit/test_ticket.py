@@ -4,6 +4,7 @@ import math
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from pdserve.kv_transfer.ticket import (
     LIVE,
     TERMINAL,

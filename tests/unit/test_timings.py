@@ -1,4 +1,5 @@
 import pytest
+
 from pdserve.router.timings import Clock
 
 

@@ -22,6 +22,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 import pytest
+
 from pdserve.kv_transfer import shm, tcp
 from pdserve.kv_transfer.auth import authenticate
 from pdserve.kv_transfer.link import Link, Listener

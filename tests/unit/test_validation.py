@@ -1,4 +1,5 @@
 import pytest
+
 from pdserve.router.errors import InvalidArgument, ModelNotFound
 from pdserve.router.request import ChatMessage, Request, SamplingSpec
 from pdserve.router.validation import Limits, check_prompt_tokens, check_request
