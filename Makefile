@@ -9,8 +9,9 @@ STAMP := $(VENV)/.installed
 # Pure modules (no I/O): type-checked strictly by mypy as part of the tests.
 PURE := router/policy.py router/validation.py router/timings.py router/instance.py router/request.py \
 	router/errors.py router/prediction.py router/placement.py router/kv_placement.py router/prefill_placement.py \
-	router/admission.py router/length_policies.py kv_transfer/ticket.py kv_transfer/ledger.py pdserve/config.py \
-	pdserve/sim
+	router/admission.py router/length_policies.py router/receive_budget.py kv_transfer/ticket.py kv_transfer/ledger.py \
+	kv_transfer/params.py kv_transfer/planner.py pdserve/config.py pdserve/sim pdserve/bench/serve_metrics.py \
+	pdserve/bench/workload.py
 
 $(STAMP): pyproject.toml client/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

@@ -13,6 +13,8 @@ Contract:
   lock first. `wait` that times out sets `withdrawn` under the lock, so once it raises, nothing writes `into`.
 - A withdrawn key's late bytes are discarded; unposted arrivals are stashed up to `max_stash_bytes`, beyond which
   the peer is cut off (`FrameError`): a receiver that never posts cannot be made to buffer without bound.
+- `drop_stash` frees unclaimed stashes (a lease ran out, or the transfer was called off); their keys' later bytes
+  are discarded like a withdrawn key's.
 - Lock order: inbox lock, then a landing's lock; never the other way round.
 """
 
@@ -20,7 +22,9 @@ from __future__ import annotations
 
 import enum
 import threading
+import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pdserve.kv_transfer.transport import FrameError, PeerGone, SizeMismatch, TransportError, TransportTimeout
@@ -84,6 +88,7 @@ class _Entry:
     stash: bytearray | None = None
     landing: Landing | None = None
     error: TransportError | None = None
+    since: float = 0.0  # monotonic time the stash began
     done: threading.Event = field(default_factory=threading.Event)
 
 
@@ -136,9 +141,7 @@ class Inbox:
                 with entry.landing.lock:  # waits out the write in progress, if any
                     entry.landing.withdrawn = True
             self._drop(key, entry)
-            self._withdrawn[key] = None  # its bytes may still come: discard them
-            while len(self._withdrawn) > MAX_WITHDRAWN_KEYS:
-                self._withdrawn.popitem(last=False)
+            self._remember_withdrawn(key)  # its bytes may still come: discard them
             return False
 
     def _drop(self, key: bytes, entry: _Entry) -> None:
@@ -146,6 +149,51 @@ class Inbox:
         if entry.stash is not None:
             self._stashed -= len(entry.stash)
             entry.stash = None
+
+    @property
+    def stashed_bytes(self) -> int:
+        return self._stashed
+
+    def drop_stash(self, doomed: Callable[[bytes, float], bool]) -> int:
+        """Frees every unclaimed stash for which `doomed(key, since)` holds; returns the bytes freed."""
+        freed = 0
+        with self._lock:
+            for key, entry in list(self._entries.items()):
+                if entry.posted is not None or entry.stash is None or not doomed(key, entry.since):
+                    continue
+                if entry.landing is not None:
+                    with entry.landing.lock:  # an arriving stash: the rest of its bytes go to scratch
+                        entry.landing.withdrawn = True
+                freed += len(entry.stash)
+                self._drop(key, entry)
+                self._remember_withdrawn(key)
+        return freed
+
+    def cancel(self, keys: list[bytes], error: TransportError) -> None:
+        """Fails the waits on these posted keys now (their transfer was called off); nothing writes them later."""
+        with self._lock:
+            for key in keys:
+                entry = self._entries.get(key)
+                if entry is None or entry.posted is None or entry.state not in (_State.POSTED, _State.ARRIVING):
+                    continue
+                if entry.landing is not None:
+                    with entry.landing.lock:
+                        entry.landing.withdrawn = True
+                self._remember_withdrawn(key)
+                entry.state, entry.error = _State.FAILED, error
+                entry.done.set()
+
+    def refuse(self, keys: list[bytes]) -> None:
+        """Discards whatever arrives later for `keys` that nobody posted (a transfer that was called off)."""
+        with self._lock:
+            for key in keys:
+                if key not in self._entries:
+                    self._remember_withdrawn(key)
+
+    def _remember_withdrawn(self, key: bytes) -> None:
+        self._withdrawn[key] = None
+        while len(self._withdrawn) > MAX_WITHDRAWN_KEYS:
+            self._withdrawn.popitem(last=False)
 
     def begin(self, key: bytes, length: int) -> Landing:
         """Reader: a message for `key` of `length` bytes starts; where to put it."""
@@ -174,7 +222,8 @@ class Inbox:
             )
         self._stashed += length
         stash = bytearray(length)
-        entry = _Entry(_State.ARRIVING, length, stash=stash, landing=Landing([memoryview(stash)]))
+        landing = Landing([memoryview(stash)])
+        entry = _Entry(_State.ARRIVING, length, stash=stash, landing=landing, since=time.monotonic())
         self._entries[key] = entry
         assert entry.landing is not None
         return entry.landing

@@ -101,6 +101,27 @@ class Link:
     def wait(self, key: bytes, timeout: float) -> int:
         return self._inbox.wait(check_key(key), timeout)
 
+    @property
+    def stashed_bytes(self) -> int:
+        """Bytes held for keys nobody has posted yet (the receive buffer in use)."""
+        return self._inbox.stashed_bytes
+
+    def drop_stash(self, doomed: Callable[[bytes, float], bool]) -> int:
+        """Frees unclaimed stashes for which `doomed(key, since)` holds (see `Inbox.drop_stash`)."""
+        return self._inbox.drop_stash(doomed)
+
+    def cancel(self, keys: list[bytes], error: TransportError) -> None:
+        """Fails the waits on these posted keys at once (see `Inbox.cancel`)."""
+        self._inbox.cancel(keys, error)
+
+    def refuse(self, keys: list[bytes]) -> None:
+        """Late bytes for these unposted keys are discarded (see `Inbox.refuse`)."""
+        self._inbox.refuse(keys)
+
+    @property
+    def is_up(self) -> bool:
+        return not self._closed and self._down is None
+
     def close(self) -> None:
         if self._closed:
             return

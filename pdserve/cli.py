@@ -82,6 +82,12 @@ def _bench_transport(args: argparse.Namespace) -> int:
     return main(["--size-mb", str(args.size_mb), "--repeats", str(args.repeats), "--json", args.out])
 
 
+def _bench_transfer(args: argparse.Namespace) -> int:
+    from pdserve.bench.transfer import main
+
+    return main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pdserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -121,6 +127,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=int, default=15)
     b.add_argument("--out", default="bench-results/transport.json")
     b.set_defaults(func=_bench_transport)
+    b = bsub.add_parser("transfer", help="KV transfer of real requests (1P1D) against raw loopback bandwidth, "
+                        "and the transfer time layer-wise streaming hides")
+    b.add_argument("--config", help="a serve config (default: the embedded one); its engine and transfer sections")
+    b.add_argument("--model", help="model folder or name (default: the config's)")
+    b.add_argument("--prompt-tokens", type=int, default=1024)
+    b.add_argument("--requests", type=int, default=8, help="requests per mode (layer-wise on, off)")
+    b.add_argument("--raw-repeats", type=int, default=15)
+    b.add_argument("--out", default="bench-results/transfer.json")
+    b.set_defaults(func=_bench_transfer)
     return parser
 
 

@@ -10,19 +10,25 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
+import time
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 import ray
 
-from pdserve.config import EngineConfig, RayConfig, ServeConfig, WorkersConfig
+from pdserve.config import EngineConfig, RayConfig, ServeConfig, TransferConfig, WorkersConfig
 from pdserve.decode.worker import DecodeWorker
+from pdserve.engine import KVRole
+from pdserve.kv_transfer.connector import SECRET_ENV
 from pdserve.models import resolve_model
+from pdserve.prefill.worker import PrefillWorker
 from pdserve.router.metrics import RouterMetrics, serve_metrics
 from pdserve.router.policy import make_policy
+from pdserve.router.receive_budget import ReceiveBudget
 from pdserve.router.registry import Instance, Registry
-from pdserve.router.service import COLOCATED, Router
+from pdserve.router.service import COLOCATED, DECODE, PREFILL, Handoff, Router
 from pdserve.router.tokenizer import PromptTokenizer
 from pdserve.router.validation import Limits
 
@@ -58,20 +64,47 @@ def worker_env(index: int, workers: WorkersConfig, engine: EngineConfig, node_cp
     return env
 
 
+def kv_role(role: str, instance_id: str, epoch: int, transfer: TransferConfig) -> KVRole:
+    """The connector settings of one disaggregated instance (see `pdserve.kv_transfer.connector.Settings`)."""
+    return KVRole(role, {
+        "instance_id": instance_id,
+        "epoch": epoch,
+        "transport": transfer.transport,
+        "host": transfer.tcp_host,
+        "lease_s": transfer.lease_s,
+        "max_stash_bytes": transfer.receive_buffer_mib << 20,
+    })
+
+
+def cluster_secret() -> str:
+    """The KV links' shared secret: from the environment when the operator set one, else fresh for this run."""
+    return os.environ.get(SECRET_ENV) or secrets.token_hex(32)
+
+
 async def start_workers(config: ServeConfig, model_dir: str) -> list[Instance]:
     node_cpus = os.cpu_count() or 1
-    actor_cls = ray.remote(DecodeWorker)
+    workers = config.workers
+    epoch = time.time_ns() // 1_000_000  # grows with every start: a restarted instance fences its old self
+    if workers.mode == COLOCATED:
+        plan = [(f"{COLOCATED}-{i}", COLOCATED, DecodeWorker, None) for i in range(workers.instances)]
+    else:
+        plan = [(f"{PREFILL}-{i}", PREFILL, PrefillWorker, "kv_producer") for i in range(workers.prefill_instances)]
+        plan += [(f"{DECODE}-{i}", DECODE, DecodeWorker, "kv_consumer") for i in range(workers.decode_instances)]
+    secret = cluster_secret()
     handles = []
-    for i in range(config.workers.instances):
-        instance_id = f"{COLOCATED}-{i}"
-        handle = actor_cls.options(  # type: ignore[attr-defined]
-            name=instance_id,
-            num_cpus=config.workers.cpus_per_instance,
-            runtime_env={"env_vars": worker_env(i, config.workers, config.engine, node_cpus)},
-        ).remote(instance_id, config.engine, model_dir)
-        handles.append((instance_id, handle))
-    infos = await asyncio.gather(*(h.start.remote() for _, h in handles))
-    return [Instance(iid, COLOCATED, h, info) for (iid, h), info in zip(handles, infos, strict=True)]
+    for index, (instance_id, role, cls, kv) in enumerate(plan):
+        env = worker_env(index, workers, config.engine, node_cpus)
+        if kv is not None:
+            env[SECRET_ENV] = secret
+        handle = ray.remote(cls).options(  # type: ignore[attr-defined]
+            name=f"{instance_id}@{epoch}",  # unique per start: a stopped deployment's names may linger
+            num_cpus=workers.cpus_per_instance,
+            runtime_env={"env_vars": env},
+        ).remote(instance_id, config.engine, model_dir,
+                 kv_role(kv, instance_id, epoch, config.transfer) if kv else None)
+        handles.append((instance_id, role, handle))
+    infos = await asyncio.gather(*(h.start.remote() for _, _, h in handles))
+    return [Instance(iid, role, h, info) for (iid, role, h), info in zip(handles, infos, strict=True)]
 
 
 @dataclass
@@ -111,7 +144,11 @@ async def deploy(config: ServeConfig) -> Deployment:
         vocab_size=tokenizer.vocab_size,
     )
     metrics = RouterMetrics()
-    router = Router(Registry(instances), make_policy(config.router.policy), tokenizer, limits, metrics)
+    handoff = None
+    if config.workers.mode != COLOCATED:
+        t = config.transfer
+        handoff = Handoff(t.deadline_s, t.min_prompt_tokens, ReceiveBudget(t.receive_buffer_mib << 20), t.layerwise)
+    router = Router(Registry(instances), make_policy(config.router.policy), tokenizer, limits, metrics, handoff)
     server, port = await start_grpc(router, config.router.host, config.router.port)
     metrics_server, metrics_port = serve_metrics(metrics, config.router.host, config.router.metrics_port)
     return Deployment(router, server, port, metrics_server, metrics_port)

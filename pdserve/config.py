@@ -59,18 +59,53 @@ class WorkersConfig:
     oversubscribe a core.
     """
 
-    mode: Literal["colocated"] = "colocated"
-    instances: int = 2
+    mode: Literal["colocated", "disaggregated"] = "disaggregated"
+    instances: int = 2  # colocated mode: instances that each run whole requests
+    prefill_instances: int = 1  # disaggregated mode: the pools (1P1D, 2P2D, 1P2D, ...)
+    decode_instances: int = 1
     cpus_per_instance: int = 1
     bind_threads: bool = True
 
     def __post_init__(self) -> None:
-        if self.mode != "colocated":
-            raise ValueError(f"workers.mode must be 'colocated', got {self.mode!r}")
-        if self.instances < 1:
-            raise ValueError(f"workers.instances must be >= 1, got {self.instances}")
+        if self.mode not in ("colocated", "disaggregated"):
+            raise ValueError(f"workers.mode must be 'colocated' or 'disaggregated', got {self.mode!r}")
+        for name in ("instances", "prefill_instances", "decode_instances"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"workers.{name} must be >= 1, got {getattr(self, name)}")
         if self.cpus_per_instance < 1:
             raise ValueError(f"workers.cpus_per_instance must be >= 1, got {self.cpus_per_instance}")
+
+
+@dataclass(frozen=True)
+class TransferConfig:
+    """How KV moves from prefill to decode workers (disaggregated mode).
+
+    `transport`: "shm" between processes of one node, "tcp" across nodes. `layerwise`: send each layer's KV as
+    soon as the prefill computed it (off: after the whole forward; kept to measure what streaming hides).
+    `deadline_s`: a transfer not landed by then fails and the decode engine recomputes the prompt.
+    `receive_buffer_mib`: per link, KV that arrived before its decode request; the router holds prefills that
+    would overflow a decode instance's buffer. `lease_s`: unclaimed received KV is freed after this long.
+    `min_prompt_tokens`: shorter prompts skip the transfer and prefill on the decode instance (0: never).
+    """
+
+    transport: Literal["shm", "tcp"] = "shm"
+    tcp_host: str = "127.0.0.1"
+    layerwise: bool = True
+    deadline_s: float = 30.0
+    receive_buffer_mib: int = 512
+    lease_s: float = 30.0
+    min_prompt_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        if self.transport not in ("shm", "tcp"):
+            raise ValueError(f"transfer.transport must be 'shm' or 'tcp', got {self.transport!r}")
+        for name in ("deadline_s", "lease_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"transfer.{name} must be > 0 seconds, got {getattr(self, name)}")
+        if self.receive_buffer_mib < 1:
+            raise ValueError(f"transfer.receive_buffer_mib must be >= 1, got {self.receive_buffer_mib}")
+        if self.min_prompt_tokens < 0:
+            raise ValueError(f"transfer.min_prompt_tokens must be >= 0, got {self.min_prompt_tokens}")
 
 
 @dataclass(frozen=True)
@@ -109,11 +144,12 @@ class ServeConfig:
     ray: RayConfig = field(default_factory=RayConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     workers: WorkersConfig = field(default_factory=WorkersConfig)
+    transfer: TransferConfig = field(default_factory=TransferConfig)
     router: RouterConfig = field(default_factory=RouterConfig)
 
 
 _STRICT = ConfigDict(extra="forbid")
-for _section in (RayConfig, EngineConfig, WorkersConfig, RouterConfig, ServeConfig):
+for _section in (RayConfig, EngineConfig, WorkersConfig, TransferConfig, RouterConfig, ServeConfig):
     _section.__pydantic_config__ = _STRICT  # type: ignore[attr-defined,union-attr]
 _ADAPTER = TypeAdapter(ServeConfig)
 

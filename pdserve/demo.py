@@ -1,4 +1,8 @@
-"""`pdserve demo`: bring up a local cluster, stream answers to a few chat prompts, print TTFT and TPOT, stop."""
+"""`pdserve demo`: bring up a local cluster, stream answers to a few chat prompts, print their timings, stop.
+
+Each answer ends with TTFT and TPOT and the request's phase breakdown (router queue, prefill queue and compute,
+KV transfer, decode queue, first decode step, decode), as the final gRPC message carries them.
+"""
 
 from __future__ import annotations
 
@@ -19,6 +23,10 @@ PROMPTS = (
 )
 
 
+PHASES = ("router_queue", "prefill_queue", "prefill_compute", "kv_transfer", "decode_queue", "first_decode_step",
+          "decode")
+
+
 def _print(text: str) -> None:
     sys.stdout.write(text)
     sys.stdout.flush()
@@ -31,7 +39,9 @@ async def run_demo(config: ServeConfig, max_tokens: int = 96) -> int:
         router=dataclasses.replace(config.router, port=0, metrics_port=0),
     )
     started = time.monotonic()
-    _print(f"starting {config.workers.instances} {config.workers.mode} instance(s) of {config.engine.model} ...\n")
+    w = config.workers
+    layout = f"{w.prefill_instances}P{w.decode_instances}D" if w.mode == "disaggregated" else f"{w.instances} colocated"
+    _print(f"starting {layout} instance(s) of {config.engine.model} ...\n")
     deployment = await deploy(config)
     _print(f"ready in {time.monotonic() - started:.1f} s, serving gRPC on {deployment.target}\n")
     try:
@@ -48,10 +58,11 @@ async def run_demo(config: ServeConfig, max_tokens: int = 96) -> int:
                 t = final.timings
                 tpot = final.time_per_output_token
                 _print(
-                    f"\n[{final.decode_instance}] {final.completion_tokens} tokens, finish={final.finish_reason}, "
-                    f"TTFT {t.time_to_first_token * 1000:.0f} ms, TPOT {tpot * 1000:.1f} ms, "
-                    f"total {t.end_to_end:.2f} s\n"
+                    f"\n[{final.prefill_instance} -> {final.decode_instance}] {final.completion_tokens} tokens, "
+                    f"finish={final.finish_reason}, TTFT {t.time_to_first_token * 1000:.0f} ms, "
+                    f"TPOT {tpot * 1000:.1f} ms, total {t.end_to_end:.2f} s\n"
                 )
+                _print("  " + "  ".join(f"{name} {getattr(t, name) * 1000:.1f}" for name in PHASES) + "  (ms)\n")
     finally:
         await deployment.stop()
     return 0

@@ -9,8 +9,9 @@ step and when the engine goes idle.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,8 @@ class EngineInfo:
     max_model_len: int
     block_size: int
     num_blocks: int
+    kv_block_bytes: int = 0  # one block's KV over all layers
+    kv_address: str = ""  # where prefill workers send this engine KV (decode engines only)
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,11 +46,27 @@ class EngineChunk:
 
     token_ids: list[int]
     finish_reason: str | None = None  # "stop", "length" or "abort" on the last chunk
-    prefill_compute: float = 0.0
+    prefill_compute: float = 0.0  # first chunk: scheduled -> first token, in the engine
+    engine_queue: float = 0.0  # first chunk: queued -> scheduled, in the engine
+    transfer: dict[str, Any] | None = None  # last chunk of a request that loaded KV: its receive record
 
 
-def _stats_logger(sink: list[EngineStats], changed: asyncio.Event) -> Any:
-    """A vLLM stat logger that keeps the newest scheduler report in `sink[0]` and signals `changed`."""
+@dataclass(frozen=True, slots=True)
+class KVRole:
+    """An engine's part in disaggregated serving: `role` is vLLM's "kv_producer" or "kv_consumer"."""
+
+    role: str
+    extra: dict[str, Any] = field(default_factory=dict)  # our connector's settings (`connector.Settings`)
+
+
+MAX_TRANSFER_RECORDS = 4096
+
+
+def _stats_logger(sink: list[EngineStats], changed: asyncio.Event, transfers: OrderedDict[str, Any]) -> Any:
+    """A vLLM stat logger that keeps the newest scheduler report in `sink[0]` and signals `changed`.
+
+    Our connector's per-transfer records ride on the same reports; they are kept by transfer id in `transfers`.
+    """
     from vllm.v1.metrics.loggers import StatLoggerBase
 
     class LatestStats(StatLoggerBase):
@@ -63,6 +82,11 @@ def _stats_logger(sink: list[EngineStats], changed: asyncio.Event) -> Any:
                     kv_cache_usage=scheduler_stats.kv_cache_usage,
                     reports=sink[0].reports + 1,
                 )
+                for kind, records in (scheduler_stats.kv_connector_stats or {}).items():
+                    for record in records if isinstance(records, list) else ():
+                        transfers[f"{kind}:{record['transfer_id']}"] = record
+                while len(transfers) > MAX_TRANSFER_RECORDS:
+                    transfers.popitem(last=False)
                 changed.set()
 
         def log_engine_initialized(self) -> None:
@@ -71,7 +95,7 @@ def _stats_logger(sink: list[EngineStats], changed: asyncio.Event) -> Any:
     return LatestStats
 
 
-def sampling_params(spec: SamplingSpec) -> Any:
+def sampling_params(spec: SamplingSpec, kv_params: dict[str, Any] | None = None) -> Any:
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
@@ -85,15 +109,27 @@ def sampling_params(spec: SamplingSpec) -> Any:
         stop_token_ids=list(spec.stop_token_ids),
         detokenize=False,
         output_kind=RequestOutputKind.DELTA,
+        extra_args={"kv_transfer_params": kv_params} if kv_params else None,
     )
 
 
 class Engine:
     """An `AsyncLLM` over a model folder; create and use it inside one running event loop."""
 
-    def __init__(self, config: EngineConfig, model_dir: Path) -> None:
+    def __init__(self, config: EngineConfig, model_dir: Path, kv: KVRole | None = None) -> None:
+        from vllm.config import KVTransferConfig
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
+
+        kv_config = None
+        if kv is not None:
+            kv_config = KVTransferConfig(
+                kv_connector="PdConnector",
+                kv_connector_module_path="pdserve.kv_transfer.connector",
+                kv_role=kv.role,
+                kv_connector_extra_config=dict(kv.extra),
+                kv_load_failure_policy="recompute",  # a failed transfer costs time, never the request
+            )
 
         args = AsyncEngineArgs(
             model=str(model_dir),
@@ -106,31 +142,77 @@ class Engine:
             enforce_eager=not config.compile,
             kv_cache_memory_bytes=int(config.kv_cache_gib * 2**30),
             enable_log_requests=False,
+            kv_transfer_config=kv_config,
+            worker_extension_cls="pdserve.kv_transfer.control.KVControl" if kv is not None else "",
+            # A consumer's blocks are written by transfers; prefix caching would share them across requests.
+            enable_prefix_caching=False if kv is not None and kv.role == "kv_consumer" else None,
         )
         self._stats: list[EngineStats] = [EngineStats()]
         self._stats_changed = asyncio.Event()
-        self._llm = AsyncLLM.from_engine_args(args, stat_loggers=[_stats_logger(self._stats, self._stats_changed)])
+        self._transfers: OrderedDict[str, Any] = OrderedDict()
+        self._llm = AsyncLLM.from_engine_args(
+            args, stat_loggers=[_stats_logger(self._stats, self._stats_changed, self._transfers)]
+        )
+        self._kv = kv
         cache = self._llm.vllm_config.cache_config
         self.info = EngineInfo(
             max_model_len=self._llm.model_config.max_model_len,
             block_size=cache.block_size,
             num_blocks=cache.num_gpu_blocks or 0,
+            kv_block_bytes=_block_bytes(self._llm.vllm_config),
         )
 
+    async def start_kv(self) -> EngineInfo:
+        """Fills in the KV receive address (decode engines); call once after construction."""
+        if self._kv is not None and self._kv.role == "kv_consumer":
+            (address,) = await self._llm.collective_rpc("pdkv_address")
+            self.info = EngineInfo(**{**_fields(self.info), "kv_address": address})
+        return self.info
+
+    async def kv_state(self) -> dict[str, int]:
+        """Our connector's worker state: transfers in progress, bytes in receive buffers."""
+        if self._kv is None:
+            return {}
+        (state,) = await self._llm.collective_rpc("pdkv_state")
+        return dict(state)
+
+    async def release(self, transfer_ids: Sequence[str]) -> int:
+        if self._kv is None or self._kv.role != "kv_consumer":
+            return 0
+        (freed,) = await self._llm.collective_rpc("pdkv_release", args=(list(transfer_ids),))
+        return int(freed)
+
+    def transfer_record(self, kind: str, transfer_id: str) -> dict[str, Any] | None:
+        """The connector's record of a finished transfer ("sent" or "recv"), once its report arrived."""
+        return self._transfers.get(f"{kind}:{transfer_id}")
+
+    async def wait_transfer_record(self, kind: str, transfer_id: str, timeout: float) -> dict[str, Any]:
+        """Waits (on the engine's reports, no polling) for the record of a transfer; TimeoutError after `timeout`."""
+        async with asyncio.timeout(timeout):
+            while (record := self.transfer_record(kind, transfer_id)) is None:
+                self._stats_changed.clear()
+                await self._stats_changed.wait()
+        return record
+
     async def generate(
-        self, request_id: str, prompt_token_ids: list[int], sampling: SamplingSpec
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling: SamplingSpec,
+        kv_params: dict[str, Any] | None = None,
     ) -> AsyncIterator[EngineChunk]:
         first = True
         prompt = {"prompt_token_ids": prompt_token_ids}
-        async for out in self._llm.generate(prompt, sampling_params(sampling), request_id):
+        async for out in self._llm.generate(prompt, sampling_params(sampling, kv_params), request_id):
             completion = out.outputs[0]
-            prefill = 0.0
+            compute = queue = 0.0
             if first and out.metrics is not None:
                 m = out.metrics
-                prefill = max(0.0, m.first_token_ts - m.scheduled_ts)
+                compute = max(0.0, m.first_token_ts - m.scheduled_ts)
+                queue = max(0.0, m.scheduled_ts - m.queued_ts)
             first = False
             reason = completion.finish_reason if out.finished else None
-            yield EngineChunk(list(completion.token_ids), reason, prefill)
+            yield EngineChunk(list(completion.token_ids), reason, compute, queue)
 
     async def abort(self, request_id: str) -> None:
         await self._llm.abort(request_id)
@@ -149,3 +231,18 @@ class Engine:
     def shutdown(self) -> None:
         self._llm.shutdown()
 
+
+
+def _fields(info: EngineInfo) -> dict[str, Any]:
+    return {name: getattr(info, name) for name in EngineInfo.__dataclass_fields__}
+
+
+def _block_bytes(vllm_config: Any) -> int:
+    """Bytes of one KV block over all layers: what one block of a request costs to hold or to send."""
+    import torch
+
+    model, cache = vllm_config.model_config, vllm_config.cache_config
+    parallel = vllm_config.parallel_config
+    element = torch.empty((), dtype=model.dtype).element_size()
+    per_token = 2 * model.get_num_layers(parallel) * model.get_num_kv_heads(parallel) * model.get_head_size()
+    return int(per_token * element * cache.block_size)

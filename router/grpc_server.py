@@ -24,7 +24,7 @@ from pdserve_client.v1 import pdserve_pb2 as pb
 from pdserve import __version__
 from pdserve.router.errors import InvalidArgument, ServeError
 from pdserve.router.request import ChatMessage, Request, SamplingSpec
-from pdserve.router.service import COLOCATED, Delta, Router, new_request_id
+from pdserve.router.service import COLOCATED, DECODE, PREFILL, Delta, Router, new_request_id
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +81,8 @@ def delta_to_proto(request_id: str, delta: Delta) -> pb.GenerateResponse:
         msg.final.finish_reason = _FINISH[o.finish_reason]
         msg.final.usage.prompt_tokens = o.prompt_tokens
         msg.final.usage.completion_tokens = o.completion_tokens
-        msg.final.prefill_instance = o.instance_id
-        msg.final.decode_instance = o.instance_id
+        msg.final.prefill_instance = o.prefill_instance
+        msg.final.decode_instance = o.decode_instance
         # The wire message and the dataclass have the same fields, by name.
         msg.final.timings.CopyFrom(pb.PhaseTimings(**asdict(t)))
     return msg
@@ -133,23 +133,24 @@ class GenerationService:
         return grpc.method_handlers_generic_handler(SERVICE, methods)
 
 
-def server_info(router: Router, mode: str) -> pb.ServerInfo:
-    n = router.registry.count(COLOCATED)
+def server_info(router: Router) -> pb.ServerInfo:
+    count = router.registry.count
+    colocated = count(COLOCATED)
     return pb.ServerInfo(
         version=__version__,
-        mode=mode,
+        mode=router.mode,
         default_model=router.limits.model_name,
         max_model_len=router.limits.max_model_len,
         max_tokens_limit=router.limits.max_tokens_limit,
-        prefill_instances=n,
-        decode_instances=n,
+        prefill_instances=colocated or count(PREFILL),
+        decode_instances=colocated or count(DECODE),
     )
 
 
 async def start_grpc(router: Router, host: str, port: int) -> tuple[grpc.aio.Server, int]:
     """Starts the frontend; returns the server and the port it bound (port 0 picks a free one)."""
     server = grpc.aio.server()
-    server.add_generic_rpc_handlers((GenerationService(router, server_info(router, COLOCATED)).handler(),))
+    server.add_generic_rpc_handlers((GenerationService(router, server_info(router)).handler(),))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)

@@ -1,10 +1,15 @@
-"""The request lifecycle at the router (colocated mode).
+"""The request lifecycle at the router.
 
-    validate -> tokenize -> check lengths -> pick an instance -> stream from its worker -> detokenize
+    validate -> tokenize -> check lengths -> place -> run -> detokenize
 
-`Router.generate` yields `Delta`s; the last one carries the `Outcome`. It stops the request in the engine
-when the consumer goes away (cancellation) or the deadline passes (`DeadlineExceeded`). Transport-agnostic:
-the gRPC and HTTP frontends translate to and from it.
+Colocated: one instance runs the whole request. Disaggregated (`Handoff` given): a prefill instance computes the
+prompt and the first token, which the client gets at once, while the prompt's KV streams to the decode instance
+chosen for the request; the decode instance continues from prompt + first token. Prompts shorter than
+`Handoff.min_prompt_tokens` run whole on a decode instance.
+
+`Router.generate` yields `Delta`s; the last one carries the `Outcome`. It stops the request in the engines
+when the consumer goes away (cancellation) or the deadline passes (`DeadlineExceeded`), and frees KV that was
+sent for a decode that will not come. Transport-agnostic: the gRPC and HTTP frontends translate to and from it.
 """
 
 from __future__ import annotations
@@ -13,21 +18,35 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import ray
 
-from pdserve.router.errors import DeadlineExceeded, EngineFailure, ServeError
+from pdserve.kv_transfer.params import RecvSpec, SendSpec, blocks_for, to_params
+from pdserve.router.errors import DeadlineExceeded, EngineFailure, Overloaded, ServeError
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.policy import Policy
-from pdserve.router.registry import Registry
+from pdserve.router.receive_budget import ReceiveBudget, TooLarge
+from pdserve.router.registry import Instance, Registry
 from pdserve.router.request import Request
 from pdserve.router.timings import Clock, PhaseTimings
 from pdserve.router.tokenizer import PromptTokenizer
 from pdserve.router.validation import Limits, check_prompt_tokens, check_request
 
 COLOCATED = "colocated"
+PREFILL = "prefill"
+DECODE = "decode"
+
+
+@dataclass(frozen=True)
+class Handoff:
+    """Disaggregated serving: how long a transfer may take, which prompts skip it, and the receive budget."""
+
+    deadline_s: float
+    min_prompt_tokens: int
+    budget: ReceiveBudget
+    layerwise: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,7 +55,8 @@ class Outcome:
     prompt_tokens: int
     completion_tokens: int
     timings: PhaseTimings
-    instance_id: str
+    prefill_instance: str  # the instance that computed the prompt
+    decode_instance: str  # the instance that produced the later tokens (the same one when run whole)
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,13 +72,36 @@ def new_request_id() -> str:
 
 class Router:
     def __init__(
-        self, registry: Registry, policy: Policy, tokenizer: PromptTokenizer, limits: Limits, metrics: RouterMetrics
+        self,
+        registry: Registry,
+        policy: Policy,
+        tokenizer: PromptTokenizer,
+        limits: Limits,
+        metrics: RouterMetrics,
+        handoff: Handoff | None = None,
     ) -> None:
         self.metrics = metrics
         self.registry = registry
         self.policy = policy
         self.tokenizer = tokenizer
         self.limits = limits
+        self.handoff = handoff
+        self._cleanups: set[Any] = set()  # aborts and releases sent to workers and not yet done
+
+    def _cleanup(self, ref: Any) -> None:
+        """Tracks a fire-and-forget call to a worker until it is done, so `settle` can wait for it."""
+        future = ref.future()
+        self._cleanups.add(future)
+        future.add_done_callback(self._cleanups.discard)
+
+    async def settle(self) -> None:
+        """Waits until every abort and release sent to the workers so far has run (errors ignored)."""
+        pending = [asyncio.wrap_future(f) for f in list(self._cleanups)]
+        await asyncio.gather(*pending, return_exceptions=True)
+
+    @property
+    def mode(self) -> str:
+        return "disaggregated" if self.handoff is not None else COLOCATED
 
     async def generate(self, request: Request) -> AsyncIterator[Delta]:
         """Streams the request's deltas; every request that ends is counted once in the metrics, by outcome."""
@@ -83,38 +126,134 @@ class Router:
         check_request(request, self.limits)
         prompt_ids = self.tokenizer.encode(request)
         check_prompt_tokens(prompt_ids, self.limits)
-        instance = self.registry.get(self.policy.pick(self.registry.snapshots(COLOCATED)))
-        text = self.tokenizer.text_stream()
-        produced = 0
+        run = _Run(request, prompt_ids, clock, self.tokenizer.text_stream())
+        if self.handoff is not None and len(prompt_ids) >= self.handoff.min_prompt_tokens:
+            stream = self._disaggregated(run, self.handoff)
+        else:
+            instance = self._pick(DECODE if self.handoff is not None else COLOCATED)
+            clock.dispatched = time.monotonic()
+            stream = self._stream(run, instance, prompt_ids, request.sampling, None)
+        async for delta in stream:
+            yield delta
+
+    def _pick(self, role: str) -> Instance:
+        return self.registry.get(self.policy.pick(self.registry.snapshots(role)))
+
+    async def _disaggregated(self, run: _Run, handoff: Handoff) -> AsyncIterator[Delta]:
+        request, clock, n = run.request, run.clock, len(run.prompt_ids)
+        decode, prefill = self._pick(DECODE), self._pick(PREFILL)
+        nbytes = blocks_for(n, decode.info.block_size) * decode.info.kv_block_bytes
+        try:
+            async with asyncio.timeout_at(request.deadline):
+                await handoff.budget.reserve(decode.instance_id, nbytes)
+        except TooLarge as e:
+            raise Overloaded(str(e), retry_after_s=0.0) from None
+        except TimeoutError:
+            raise DeadlineExceeded("the request's deadline passed while it waited for a decode instance") from None
+        deadline = time.time() + handoff.deadline_s
+        send = SendSpec(request.request_id, decode.info.kv_address, decode.instance_id, n, deadline,
+                        handoff.layerwise)
+        claimed = False
+        try:
+            clock.dispatched = time.monotonic()
+            first = await self._prefill(run, prefill, to_params(send))
+            if first.finish_reason is not None or request.sampling.max_tokens == 1:
+                reason = first.finish_reason or "length"
+                timings = clock.disaggregated(time.monotonic())
+                outcome = Outcome(reason, n, 1, timings, prefill.instance_id, prefill.instance_id)
+                yield Delta(first.token_ids, run.text.step(first.token_ids), outcome)
+                return
+            yield Delta(first.token_ids, run.text.step(first.token_ids))
+            recv = to_params(RecvSpec(request.request_id, prefill.instance_id, n, deadline))
+            clock.decode_dispatched = time.monotonic()
+            rest = replace(request.sampling, max_tokens=request.sampling.max_tokens - 1)
+            run.produced = 1
+
+            async def landed() -> None:
+                nonlocal claimed
+                claimed = True
+                await handoff.budget.release(decode.instance_id, nbytes)
+
+            run.on_first_chunk = landed
+            run.prefill_instance = prefill.instance_id
+            async for delta in self._stream(run, decode, run.prompt_ids + first.token_ids, rest, recv):
+                yield delta
+        finally:
+            if not claimed:
+                await handoff.budget.release(decode.instance_id, nbytes)
+            if not run.finished:  # whatever reached the decode side for this transfer will not be claimed
+                self._cleanup(decode.handle.release.remote([request.request_id]))
+
+    async def _prefill(self, run: _Run, prefill: Instance, kv_params: dict[str, Any]) -> Any:
+        request = run.request
+        prefill.outstanding += 1
+        ref = prefill.handle.prefill.remote(request.request_id, run.prompt_ids, request.sampling, kv_params)
+        done = False
+        try:
+            result = await self._await(ref, request)
+            done = True
+        finally:
+            prefill.outstanding -= 1
+            if not done:
+                ray.cancel(ref)
+                self._cleanup(prefill.handle.abort.remote(request.request_id))
+        run.clock.prefill_queue, run.clock.prefill_compute = result.engine_queue, result.compute
+        run.clock.tokens_arrived(time.monotonic(), len(result.token_ids))
+        if not result.token_ids:
+            raise EngineFailure("the prefill engine ended the request without a token")
+        return result
+
+    async def _stream(
+        self, run: _Run, instance: Instance, prompt_ids: list[int], sampling: Any, kv_params: dict[str, Any] | None
+    ) -> AsyncIterator[Delta]:
+        request, clock = run.request, run.clock
         instance.outstanding += 1
         self.metrics.running.inc()
-        clock.dispatched = time.monotonic()
-        stream = instance.handle.generate.remote(request.request_id, prompt_ids, request.sampling)
-        finished = False
+        stream = instance.handle.generate.remote(request.request_id, prompt_ids, sampling, kv_params)
+        handed_off = kv_params is not None
+        first = True
         try:
-            while not finished:
+            while not run.finished:
                 chunk = await self._next(stream, request)
                 clock.tokens_arrived(time.monotonic(), len(chunk.token_ids))
-                if chunk.prefill_compute:
-                    clock.prefill_compute = chunk.prefill_compute
-                produced += len(chunk.token_ids)
-                finished = chunk.finish_reason is not None
+                if first:
+                    first = False
+                    if handed_off:
+                        clock.decode_compute = chunk.prefill_compute
+                        if run.on_first_chunk is not None:
+                            await run.on_first_chunk()
+                    else:
+                        clock.prefill_compute = chunk.prefill_compute
+                run.produced += len(chunk.token_ids)
                 outcome = None
-                if finished:
+                if chunk.finish_reason is not None:
                     if chunk.finish_reason not in ("stop", "length"):
                         raise EngineFailure(f"the engine ended the request with {chunk.finish_reason!r}")
-                    outcome = Outcome(
-                        chunk.finish_reason, len(prompt_ids), produced,
-                        clock.colocated(time.monotonic()), instance.instance_id,
-                    )
-                yield Delta(chunk.token_ids, text.step(chunk.token_ids), outcome)
+                    run.finished = True
+                    now = time.monotonic()
+                    if handed_off:
+                        clock.kv_wait = _kv_wait(chunk.transfer)
+                    timings = clock.disaggregated(now) if handed_off else clock.colocated(now)
+                    outcome = Outcome(chunk.finish_reason, len(run.prompt_ids), run.produced, timings,
+                                      run.prefill_instance or instance.instance_id, instance.instance_id)
+                yield Delta(chunk.token_ids, run.text.step(chunk.token_ids), outcome)
         finally:
             instance.outstanding -= 1
             self.metrics.running.dec()
-            if not finished:
+            if not run.finished:
                 # The client went away, the deadline passed or the worker failed: stop the engine's work.
                 ray.cancel(stream)
-                instance.handle.abort.remote(request.request_id)
+                self._cleanup(instance.handle.abort.remote(request.request_id))
+
+    @staticmethod
+    async def _await(ref: Any, request: Request) -> Any:
+        try:
+            async with asyncio.timeout_at(request.deadline):
+                return await ref
+        except TimeoutError:
+            raise DeadlineExceeded("the request's deadline passed before it finished") from None
+        except ray.exceptions.RayError as e:
+            raise EngineFailure(f"the worker failed: {type(e).__name__}") from e
 
     @staticmethod
     async def _next(stream: Any, request: Request) -> Any:
@@ -129,3 +268,24 @@ class Router:
             raise EngineFailure("the worker ended the stream without a finish reason") from None
         except ray.exceptions.RayError as e:
             raise EngineFailure(f"the worker failed: {type(e).__name__}") from e
+
+
+@dataclass(slots=True)
+class _Run:
+    """One request in flight at the router."""
+
+    request: Request
+    prompt_ids: list[int]
+    clock: Clock
+    text: Any  # the detokenizer's stream
+    produced: int = 0
+    finished: bool = False
+    on_first_chunk: Any = None  # awaited when the first chunk from the engine arrives
+    prefill_instance: str = ""  # set once a prefill instance computed the prompt
+
+
+def _kv_wait(record: dict[str, Any] | None) -> float:
+    """Seconds the decode engine waited for KV that had not landed when it was ready for it."""
+    if not record:
+        return 0.0
+    return max(0.0, float(record["landed"]) - float(record["posted"]))

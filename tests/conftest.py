@@ -48,26 +48,50 @@ class LoopThread:
         self._thread.join(30)
 
 
-@pytest.fixture(scope="session")
-def deployment(tiny_model: Path) -> Iterator[Any]:
-    """Two colocated instances of the tiny model behind the gRPC frontend."""
-    import ray
-
-    from pdserve.cluster import deploy
+def start_deployment(tiny_model: Path, workers: dict[str, Any], **sections: dict[str, Any]) -> Any:
+    """A pdserve deployment of the tiny model on local Ray, with its own event loop thread (`dep.loop`)."""
+    from pdserve.cluster import deploy, init_ray
     from pdserve.config import config_from_dict
 
     config = config_from_dict(
         {
-            "ray": {"num_cpus": os.cpu_count() or 2},
+            # Ray's CPUs are logical: every engine pins its threads to one physical core of its own (instance i
+            # to core i mod the core count), so several deployments can share this machine's cores.
+            "ray": {"num_cpus": 16},
             "engine": {"model": str(tiny_model), **TINY_ENGINE},
-            "workers": {"instances": 2},
-            "router": {"port": 0, "metrics_port": 0, "max_tokens_limit": 512},
+            "workers": workers,
+            "router": {"port": 0, "metrics_port": 0, "max_tokens_limit": 512, **sections.pop("router", {})},
+            **sections,
         }
     )
+    # Ray ties its head processes' lives to the thread that starts them (the kernel's parent-death signal), so it
+    # starts on this long-lived thread, not on the loop thread that a deployment's stop ends.
+    init_ray(config.ray)
     loop = LoopThread()
     dep = loop.run(deploy(config))
     dep.loop = loop
+    return dep
+
+
+def stop_deployment(dep: Any) -> None:
+    dep.loop.run(dep.stop())
+    dep.loop.close()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _ray_shuts_down_cleanly() -> Iterator[None]:
+    """Stops the local Ray the tests started, before the interpreter exits (left to exit hooks, its core worker
+    may outlive the cluster's control store and abort the process)."""
+    yield
+    import sys
+
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        sys.modules["ray"].shutdown()
+
+
+@pytest.fixture(scope="session")
+def deployment(tiny_model: Path) -> Iterator[Any]:
+    """Two colocated instances of the tiny model behind the gRPC frontend."""
+    dep = start_deployment(tiny_model, {"mode": "colocated", "instances": 2})
     yield dep
-    loop.run(dep.stop())
-    loop.close()
-    ray.shutdown()
+    stop_deployment(dep)

@@ -8,8 +8,9 @@ def test_embedded_default_is_local_cpu_smollm2():
     config = load_config()
     assert config.ray.address is None
     assert config.engine.model == "smollm2-135m-instruct"
-    assert config.workers.mode == "colocated"
-    assert config.workers.instances == 2
+    assert config.workers.mode == "disaggregated"
+    assert (config.workers.prefill_instances, config.workers.decode_instances) == (1, 1)
+    assert config.transfer.transport == "shm" and config.transfer.layerwise
 
 
 def test_empty_file_means_defaults(tmp_path):
@@ -52,3 +53,15 @@ def test_top_level_must_be_a_mapping(tmp_path):
     path.write_text("- a\n- b\n")
     with pytest.raises(ValueError, match="top level must be a mapping"):
         load_config(path)
+
+
+@pytest.mark.parametrize("section, values, message", [
+    ("workers", {"mode": "split"}, "mode"),
+    ("workers", {"decode_instances": 0}, "decode_instances"),
+    ("transfer", {"transport": "rdma"}, "transport"),
+    ("transfer", {"deadline_s": 0}, "deadline_s"),
+    ("transfer", {"receive_buffer_mib": 0}, "receive_buffer_mib"),
+])
+def test_disaggregation_settings_are_checked(section, values, message):
+    with pytest.raises(ValueError, match=message):
+        config_from_dict({section: values})

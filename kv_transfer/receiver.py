@@ -1,0 +1,185 @@
+"""`Receiver`: the decode worker's incoming KV: a listener, one link per prefill instance, and the loads.
+
+Prefill workers dial the receiver's `address` and prove the cluster secret. Links are fenced by epoch: a link
+from a newer incarnation of an instance replaces the old one (closed), and a link from an older incarnation
+than one already seen is refused.
+
+The prefill usually finishes before the router asks the decode engine for the request, so a request's layers
+mostly arrive before their destination is known: they wait in the link's stash, the receive buffer, bounded
+by `max_stash_bytes` per link. A stash nobody claims within `lease_s` (the decode request never came) is
+freed, as is every stash of a transfer the worker is told to `release`.
+
+`load` posts a request's destination (the paged blocks the scheduler allocated, one list of views per layer)
+and waits on a pool thread until every layer landed or the request's deadline passed; `completed` hands back
+the outcomes. A failed load leaves no key posted: each one is withdrawn (a timed-out wait withdraws its key),
+so no late byte is written into blocks the engine may reuse.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from pdserve.kv_transfer.link import Link, Listener
+from pdserve.kv_transfer.params import RecvSpec, layer_key
+from pdserve.kv_transfer.ticket import Epochs, StaleEpoch
+from pdserve.kv_transfer.transport import TransportError, TransportTimeout
+
+ACCEPT_POLL_S = 0.5  # how often the accept loop looks whether it should stop
+
+
+@dataclass(slots=True)
+class Landed:
+    req_id: str
+    transfer_id: str
+    ok: bool
+    bytes: int
+    posted: float  # wall-clock time the destination was posted
+    landed: float  # wall-clock time the last layer landed (or the load failed)
+    error: str = ""
+
+    def record(self) -> dict[str, object]:
+        return {"transfer_id": self.transfer_id, "ok": self.ok, "bytes": self.bytes, "posted": self.posted,
+                "landed": self.landed, "error": self.error}
+
+
+class Receiver:
+    def __init__(self, listener: Listener, address: str, lease_s: float, max_loads: int = 64) -> None:
+        self.address = address
+        self._listener = listener
+        self._lease = lease_s
+        self._links: dict[str, Link] = {}
+        self._epochs = Epochs()
+        self._changed = threading.Condition()
+        self._stop = threading.Event()
+        self._done: queue.SimpleQueue[Landed] = queue.SimpleQueue()
+        self._pool = ThreadPoolExecutor(max_workers=max_loads, thread_name_prefix="pdkv-load")
+        self._pending = 0
+        self._accepter = threading.Thread(target=self._accept_loop, name="pdkv-accept", daemon=True)
+        self._accepter.start()
+
+    def load(self, req_id: str, spec: RecvSpec, layers: Sequence[Sequence[memoryview]]) -> None:
+        with self._changed:
+            self._pending += 1
+        self._pool.submit(self._load, req_id, spec, layers)
+
+    def completed(self, timeout: float = 0.0) -> list[Landed]:
+        """Loads finished since the last call; waits up to `timeout` seconds for the first one."""
+        done = []
+        if timeout > 0:
+            try:
+                done.append(self._done.get(timeout=timeout))
+            except queue.Empty:
+                return done
+        while True:
+            try:
+                done.append(self._done.get_nowait())
+            except queue.Empty:
+                return done
+
+    def release(self, transfer_ids: Sequence[str], num_layers: int) -> int:
+        """Frees whatever arrived for these transfers and is not claimed, and refuses what is still to come.
+
+        Returns the bytes freed.
+        """
+        keys = [layer_key(t, i) for t in transfer_ids for i in range(num_layers)]
+        wanted = set(keys)
+        with self._changed:
+            links = list(self._links.values())
+        freed = sum(link.drop_stash(lambda key, since: key in wanted) for link in links)
+        called_off = TransportError("the transfer was called off")
+        for link in links:
+            link.refuse(keys)
+            link.cancel(keys, called_off)  # a load already waiting for them gives up now
+        return freed
+
+    def expire(self) -> int:
+        """Frees stashes older than the lease; returns the bytes freed."""
+        cutoff = time.monotonic() - self._lease
+        return self._drop_stash(lambda key, since: since < cutoff)
+
+    def state(self) -> dict[str, int]:
+        with self._changed:
+            links = list(self._links.values())
+            pending = self._pending
+        return {"links": len(links), "stashed_bytes": sum(link.stashed_bytes for link in links),
+                "pending_loads": pending}
+
+    def close(self) -> None:
+        self._stop.set()
+        self._listener.close()
+        self._accepter.join(timeout=ACCEPT_POLL_S + 1.0)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        with self._changed:
+            links, self._links = list(self._links.values()), {}
+        for link in links:
+            link.close()
+
+    def _drop_stash(self, doomed: Callable[[bytes, float], bool]) -> int:
+        with self._changed:
+            links = list(self._links.values())
+        return sum(link.drop_stash(doomed) for link in links)
+
+    def _load(self, req_id: str, spec: RecvSpec, layers: Sequence[Sequence[memoryview]]) -> None:
+        posted = time.time()
+        keys = [layer_key(spec.transfer_id, i) for i in range(len(layers))]
+        nbytes, error = 0, ""
+        try:
+            link = self._link_for(spec.peer_instance, spec.deadline)
+            for key, views in zip(keys, layers, strict=True):
+                link.expect(key, views)
+            try:
+                for key in keys:
+                    nbytes += link.wait(key, max(spec.deadline - time.time(), 0.0))
+            except TransportError:
+                for key in keys:  # withdraw what is still posted: a timed-out wait takes its buffers back
+                    with contextlib.suppress(TransportError, ValueError):
+                        link.wait(key, 0.0)
+                raise
+        except TransportError as e:
+            error = f"{type(e).__name__}: {e}"
+        finally:
+            with self._changed:
+                self._pending -= 1
+            self._done.put(Landed(req_id, spec.transfer_id, not error, nbytes, posted, time.time(), error))
+
+    def _link_for(self, instance_id: str, deadline: float) -> Link:
+        with self._changed:
+            while True:
+                link = self._links.get(instance_id)
+                if link is not None and link.is_up:
+                    return link
+                left = deadline - time.time()
+                if left <= 0 or self._stop.is_set():
+                    raise TransportTimeout(f"prefill instance {instance_id} never connected")
+                self._changed.wait(left)
+
+    def _accept_loop(self) -> None:
+        while not self._stop.is_set():
+            self.expire()
+            try:
+                link = self._listener.accept(timeout=ACCEPT_POLL_S)
+            except TransportError:
+                continue  # nobody came, or a peer without the secret: keep listening
+            except OSError:
+                return  # the listener was closed
+            self._admit(link)
+
+    def _admit(self, link: Link) -> None:
+        peer = link.peer
+        with self._changed:
+            try:
+                self._epochs.admit(peer)
+            except StaleEpoch:
+                stale: Link | None = link  # an older incarnation than one already seen: turned away
+            else:
+                stale = self._links.get(peer.instance_id)  # the same or an older incarnation's link
+                self._links[peer.instance_id] = link
+                self._changed.notify_all()
+        if stale is not None:
+            stale.close()

@@ -1,0 +1,121 @@
+"""`Sender`: the prefill worker's outgoing KV, one message per (request, layer), on one background thread.
+
+The engine's forward pass hands over each layer as soon as that layer's KV is written (`submit`), and goes on
+computing the next layer while the thread puts the bytes on the link: that is the layer-wise overlap. The
+views point into the engine's paged KV blocks; the scheduler keeps those blocks until `completed` has
+reported the request (`Outgoing.done`), successful or not.
+
+Links are dialed on first use, one per decode address, and dropped when they break; the next request dials
+again. A send that fails (peer gone, stalled past the request's deadline) fails only its request: the rest of
+that request's layers are skipped, and the decode side, which never sees them land, recomputes.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from pdserve.kv_transfer.params import SendSpec, layer_key
+from pdserve.kv_transfer.transport import PeerGone, Transport, TransportError, TransportTimeout
+
+Dial = Callable[[str, float], Transport]  # (address, timeout) -> an authenticated link
+
+
+@dataclass(slots=True, eq=False)
+class Outgoing:
+    """One request's KV on its way out. Written by the sender thread until `done`."""
+
+    req_id: str
+    spec: SendSpec
+    layers: int
+    sent_layers: int = 0
+    handled: int = 0
+    bytes: int = 0
+    busy: float = 0.0  # seconds spent inside the link's send: what the bytes cost the transport
+    first_send: float = 0.0  # wall-clock times
+    last_send: float = 0.0
+    compute_end: float = 0.0  # when the forward that computed the KV returned
+    error: str = ""
+    done: bool = False
+
+    def record(self) -> dict[str, object]:
+        return {
+            "transfer_id": self.spec.transfer_id, "bytes": self.bytes, "busy": self.busy, "layers": self.sent_layers,
+            "first_send": self.first_send, "last_send": self.last_send, "compute_end": self.compute_end,
+            "error": self.error,
+        }
+
+
+class Sender:
+    def __init__(self, dial: Dial, connect_timeout_s: float) -> None:
+        self._dial = dial
+        self._connect_timeout = connect_timeout_s
+        self._links: dict[str, Transport] = {}
+        self._work: queue.SimpleQueue[tuple[Outgoing, int, Sequence[memoryview]] | None] = queue.SimpleQueue()
+        self._done: queue.SimpleQueue[Outgoing] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="pdkv-sender", daemon=True)
+        self._thread.start()
+
+    def submit(self, out: Outgoing, layer: int, views: Sequence[memoryview]) -> None:
+        self._work.put((out, layer, views))
+
+    def completed(self) -> list[Outgoing]:
+        """Requests whose every layer was handled since the last call."""
+        done = []
+        while True:
+            try:
+                done.append(self._done.get_nowait())
+            except queue.Empty:
+                return done
+
+    def close(self) -> None:
+        self._work.put(None)
+        self._thread.join(timeout=5.0)
+        for link in self._links.values():
+            link.close()
+        self._links.clear()
+
+    def _run(self) -> None:
+        while (item := self._work.get()) is not None:
+            out, layer, views = item
+            if not out.error:
+                self._send(out, layer, views)
+            out.handled += 1
+            if out.handled == out.layers:
+                out.done = True
+                self._done.put(out)
+
+    def _send(self, out: Outgoing, layer: int, views: Sequence[memoryview]) -> None:
+        start = time.time()
+        try:
+            timeout = out.spec.deadline - start
+            if timeout <= 0:
+                raise TransportTimeout(f"the transfer's deadline passed before layer {layer} was sent")
+            link = self._link(out.spec.peer, min(timeout, self._connect_timeout))
+            try:
+                link.send(layer_key(out.spec.transfer_id, layer), views, out.spec.deadline - time.time())
+            except PeerGone:
+                self._drop(out.spec.peer)
+                raise
+        except TransportError as e:
+            out.error = f"{type(e).__name__}: {e}"
+            return
+        out.first_send = out.first_send or start
+        out.last_send = time.time()
+        out.busy += out.last_send - start
+        out.sent_layers += 1
+        out.bytes += sum(len(v) for v in views)
+
+    def _link(self, address: str, timeout: float) -> Transport:
+        link = self._links.get(address)
+        if link is None:
+            link = self._links[address] = self._dial(address, timeout)
+        return link
+
+    def _drop(self, address: str) -> None:
+        link = self._links.pop(address, None)
+        if link is not None:
+            link.close()

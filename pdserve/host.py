@@ -1,0 +1,64 @@
+"""`EngineHost`: what every worker actor does with its engine: start it, report on it, abort, shut down.
+
+`PrefillWorker` (prefill/) and `DecodeWorker` (decode/) add their one request method each. The engine is built
+in `start` (tens of seconds), not in the constructor, so the cluster starts every actor's engine at once.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from pdserve.config import EngineConfig
+from pdserve.engine import Engine, EngineInfo, EngineStats, KVRole
+
+
+class EngineHost:
+    def __init__(self, instance_id: str, config: EngineConfig, model_dir: str, kv: KVRole | None = None) -> None:
+        self.instance_id = instance_id
+        self._config = config
+        self._model_dir = Path(model_dir)
+        self._kv = kv
+        self._engine: Engine | None = None
+
+    async def start(self) -> EngineInfo:
+        """Builds the engine; called once before any request."""
+        if self._engine is None:
+            self._engine = Engine(self._config, self._model_dir, self._kv)
+            await self._engine.start_kv()
+        return self._engine.info
+
+    def _ready(self) -> Engine:
+        if self._engine is None:
+            raise RuntimeError(f"{self.instance_id}: start() was not called")
+        return self._engine
+
+    async def abort(self, request_id: str) -> None:
+        await self._ready().abort(request_id)
+
+    async def stats(self) -> EngineStats:
+        return self._ready().stats()
+
+    async def wait_idle(self, timeout: float) -> EngineStats:
+        return await self._ready().wait_idle(timeout)
+
+    async def kv_state(self) -> dict[str, int]:
+        """Our KV connector's state in the engine: transfers in progress, bytes held in receive buffers."""
+        return await self._ready().kv_state()
+
+    async def release(self, transfer_ids: Sequence[str]) -> int:
+        """Frees KV received for transfers whose decode request will never come."""
+        return await self._ready().release(transfer_ids)
+
+    async def transfer_record(self, kind: str, transfer_id: str, timeout: float) -> dict[str, object]:
+        """The connector's record of one finished transfer: "sent" (prefill) or "recv" (decode)."""
+        return await self._ready().wait_transfer_record(kind, transfer_id, timeout)
+
+    async def pid(self) -> int:
+        return os.getpid()
+
+    async def shutdown(self) -> None:
+        if self._engine is not None:
+            self._engine.shutdown()
+            self._engine = None

