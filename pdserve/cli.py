@@ -88,6 +88,12 @@ def _bench_transfer(args: argparse.Namespace) -> int:
     return main(args)
 
 
+def _bench_serve(args: argparse.Namespace) -> int:
+    from pdserve.bench.serve import main
+
+    return main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pdserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -136,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--raw-repeats", type=int, default=15)
     b.add_argument("--out", default="bench-results/transfer.json")
     b.set_defaults(func=_bench_transfer)
+    from pdserve.bench.serve import add_parser
+
+    add_parser(bsub, _bench_serve)
     return parser
 
 

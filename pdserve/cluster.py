@@ -147,7 +147,8 @@ async def deploy(config: ServeConfig) -> Deployment:
     handoff = None
     if config.workers.mode != COLOCATED:
         t = config.transfer
-        handoff = Handoff(t.deadline_s, t.min_prompt_tokens, ReceiveBudget(t.receive_buffer_mib << 20), t.layerwise)
+        budget = ReceiveBudget(t.receive_buffer_mib << 20)
+        handoff = Handoff(t.deadline_s, t.min_prompt_tokens, budget, make_policy(config.router.policy), t.layerwise)
     router = Router(Registry(instances), make_policy(config.router.policy), tokenizer, limits, metrics, handoff)
     server, port = await start_grpc(router, config.router.host, config.router.port)
     metrics_server, metrics_port = serve_metrics(metrics, config.router.host, config.router.metrics_port)

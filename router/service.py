@@ -41,11 +41,13 @@ DECODE = "decode"
 
 @dataclass(frozen=True)
 class Handoff:
-    """Disaggregated serving: how long a transfer may take, which prompts skip it, and the receive budget."""
+    """Disaggregated serving: how long a transfer may take, which prompts skip it, the receive budget, and the
+    policy that places prefills (its own object: a policy may keep state, such as a round-robin turn)."""
 
     deadline_s: float
     min_prompt_tokens: int
     budget: ReceiveBudget
+    prefill_policy: Policy
     layerwise: bool = True
 
 
@@ -137,7 +139,8 @@ class Router:
             yield delta
 
     def _pick(self, role: str) -> Instance:
-        return self.registry.get(self.policy.pick(self.registry.snapshots(role)))
+        policy = self.handoff.prefill_policy if role == PREFILL and self.handoff is not None else self.policy
+        return self.registry.get(policy.pick(self.registry.snapshots(role)))
 
     async def _disaggregated(self, run: _Run, handoff: Handoff) -> AsyncIterator[Delta]:
         request, clock, n = run.request, run.clock, len(run.prompt_ids)

@@ -45,8 +45,12 @@ def test_demo_streams_answers_with_timings_and_exits_0(tmp_path, tiny_model):
     run = subprocess.run([*PDSERVE, "demo", "--config", str(tiny_config(tmp_path, tiny_model))],
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
-    lines = re.findall(r"\[colocated-\d\] (\d+) tokens, finish=\w+, TTFT \d+ ms, TPOT [\d.]+ ms", run.stdout)
+    # The embedded default is disaggregated 1P1D: each answer names both instances and breaks its time down.
+    lines = re.findall(r"\[prefill-0 -> decode-0\] (\d+) tokens, finish=\w+, TTFT \d+ ms, TPOT [\d.]+ ms",
+                       run.stdout)
     assert len(lines) == 3 and all(int(n) > 0 for n in lines)
+    breakdowns = re.findall(r"router_queue [\d.]+ .*kv_transfer ([\d.]+) .*decode [\d.]+ +\(ms\)", run.stdout)
+    assert len(breakdowns) == 3
 
 
 def test_serve_then_generate_through_the_sdk(tmp_path, tiny_model):
