@@ -37,6 +37,10 @@ class RouterMetrics:
         self.prompt_tokens = Counter("pdserve_prompt_tokens", "Prompt tokens of finished requests", registry=r)
         self.generation_tokens = Counter("pdserve_generation_tokens", "Tokens generated for finished requests",
                                          registry=r)
+        self.kv_bytes = Counter("pdserve_kv_transfer_bytes", "KV bytes that landed on decode instances",
+                                registry=r)
+        self.kv_transfers = Counter("pdserve_kv_transfers", "KV transfers that ended, by result (ok, failed: the "
+                                    "decode instance recomputed the prompt)", ["result"], registry=r)
         self.running = Gauge("pdserve_requests_running", "Requests placed on an instance and not ended",
                              registry=r)
 
@@ -51,6 +55,10 @@ class RouterMetrics:
         values = dataclasses.asdict(t)
         for phase in _PHASES:
             self.phase.labels(phase).observe(values[phase])
+
+    def transferred(self, nbytes: int, ok: bool) -> None:
+        self.kv_transfers.labels("ok" if ok else "failed").inc()
+        self.kv_bytes.inc(nbytes)
 
     def ended_early(self, outcome: str) -> None:
         """A request that did not finish: a gRPC status name, or "cancelled" when the client went away."""

@@ -236,6 +236,8 @@ class Router:
                     now = time.monotonic()
                     if handed_off:
                         clock.kv_wait = _kv_wait(chunk.transfer)
+                        if chunk.transfer:
+                            self.metrics.transferred(int(chunk.transfer["bytes"]), bool(chunk.transfer["ok"]))
                     timings = clock.disaggregated(now) if handed_off else clock.colocated(now)
                     outcome = Outcome(chunk.finish_reason, len(run.prompt_ids), run.produced, timings,
                                       run.prefill_instance or instance.instance_id, instance.instance_id)

@@ -107,6 +107,8 @@ def summarize(samples: list[Sample], raw: dict[str, Any], transport: str) -> dic
         f"{transport}_gbps": raw[transport]["median"],
         "kv_gbps": kv_gbps,
         "kv_to_raw": kv_gbps / raw_gbps,
+        "kv_gbps_layerwise": med([s.gbps for s in on]),
+        "kv_gbps_whole": med([s.gbps for s in off]),
         "exposed_share_layerwise": med([s.exposed_share for s in on]),
         "exposed_share_whole": med([s.exposed_share for s in off]),
         "transfer_span_ms_layerwise": med([s.span_s * 1000 for s in on]),
@@ -151,7 +153,11 @@ def _print(r: dict[str, Any], transport: str) -> None:
         ["raw loopback TCP", f"{r['raw_gbps']:.2f}", "1.00", ""],
         [f"{transport} transport (same messages)", f"{r[f'{transport}_gbps']:.2f}",
          f"{r[f'{transport}_gbps'] / r['raw_gbps']:.2f}", ""],
-        ["KV of real requests", f"{r['kv_gbps']:.2f}", f"{r['kv_to_raw']:.2f}", ">= 0.8"],
+        ["KV of real requests, all", f"{r['kv_gbps']:.2f}", f"{r['kv_to_raw']:.2f}", ">= 0.8"],
+        ["  layer-wise (sends share the core with the forward)", f"{r['kv_gbps_layerwise']:.2f}",
+         f"{r['kv_gbps_layerwise'] / r['raw_gbps']:.2f}", ""],
+        ["  whole (after the forward, back to back)", f"{r['kv_gbps_whole']:.2f}",
+         f"{r['kv_gbps_whole'] / r['raw_gbps']:.2f}", ""],
     ]
     print(table(["bandwidth", "GB/s (median)", "ratio to raw", "goal"], rows))
     rows = [

@@ -1,7 +1,8 @@
 """Disaggregated serving of the tiny model: prefill and decode pools, KV streamed between them, exactly.
 
-Each layout (1P1D, 2P2D) is one deployment for the whole module; every test checks behaviour a client sees
-(tokens, finish reasons, timings) or what the engines report (free KV blocks, receive buffers).
+Each layout is one deployment for the whole module: 1P1D over the tcp transport, 2P2D over shm. Every test
+checks behaviour a client sees (tokens, finish reasons, timings) or what the engines report (free KV blocks,
+receive buffers).
 """
 
 from __future__ import annotations
@@ -19,16 +20,17 @@ from tests.integration.conftest import LENGTHS, MAX_TOKENS, prompts
 
 pytestmark = pytest.mark.integration
 
-LAYOUTS = {"1P1D": (1, 1), "2P2D": (2, 2)}
+LAYOUTS = {"1P1D-tcp": (1, 1, "tcp"), "2P2D-shm": (2, 2, "shm")}
 
 
 @pytest.fixture(scope="module", params=list(LAYOUTS))
 def disagg(request, tiny_model):
-    prefill, decode = LAYOUTS[request.param]
+    prefill, decode, transport = LAYOUTS[request.param]
     dep = start_deployment(
         tiny_model,
         {"mode": "disaggregated", "prefill_instances": prefill, "decode_instances": decode},
         router={"policy": "round_robin"},
+        transfer={"transport": transport},
     )
     dep.layout = (prefill, decode)
     yield dep
@@ -83,6 +85,9 @@ def test_first_token_arrives_before_the_decode_stream(disagg):
     phases = (t.router_queue + t.prefill_queue + t.prefill_compute + t.kv_transfer + t.decode_queue
               + t.first_decode_step + t.decode)
     assert phases == pytest.approx(t.end_to_end, abs=0.05)
+    registry = disagg.router.metrics.registry
+    assert registry.get_sample_value("pdserve_kv_transfers_total", {"result": "ok"}) >= 1
+    assert registry.get_sample_value("pdserve_kv_transfer_bytes_total") > 0
 
 
 def test_one_token_requests_end_at_the_prefill(disagg, reference):

@@ -10,7 +10,7 @@ def test_embedded_default_is_local_cpu_smollm2():
     assert config.engine.model == "smollm2-135m-instruct"
     assert config.workers.mode == "disaggregated"
     assert (config.workers.prefill_instances, config.workers.decode_instances) == (1, 1)
-    assert config.transfer.transport == "shm" and config.transfer.layerwise
+    assert config.transfer.transport == "tcp" and config.transfer.layerwise
 
 
 def test_empty_file_means_defaults(tmp_path):
