@@ -33,7 +33,7 @@ from pdserve.kv_transfer.planner import Scheduled, StepPlan, TransferPlanner
 from pdserve.kv_transfer.receiver import Receiver
 from pdserve.kv_transfer.sender import Outgoing, Sender
 from pdserve.kv_transfer.ticket import Endpoint
-from pdserve.kv_transfer.transport import Transport, TransportConfig
+from pdserve.kv_transfer.transport import SECRET_ENV, Transport, TransportConfig
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -44,8 +44,6 @@ if TYPE_CHECKING:
     from vllm.v1.request import Request
 
 log = logging.getLogger(__name__)
-
-SECRET_ENV = "PDSERVE_KV_SECRET"
 
 
 @dataclass(frozen=True, slots=True)

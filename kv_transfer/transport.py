@@ -27,6 +27,7 @@ from typing import Protocol, runtime_checkable
 from pdserve.kv_transfer.ticket import Endpoint
 
 MAX_KEY_BYTES = 1024
+SECRET_ENV = "PDSERVE_KV_SECRET"  # the cluster secret, hex: the one place it is read from
 
 
 class TransportError(Exception):

@@ -21,7 +21,7 @@ import ray
 from pdserve.config import EngineConfig, RayConfig, ServeConfig, TransferConfig, WorkersConfig
 from pdserve.decode.worker import DecodeWorker
 from pdserve.engine import KVRole
-from pdserve.kv_transfer.connector import SECRET_ENV
+from pdserve.kv_transfer.transport import SECRET_ENV
 from pdserve.models import resolve_model
 from pdserve.prefill.worker import PrefillWorker
 from pdserve.router.metrics import RouterMetrics, serve_metrics
