@@ -1,8 +1,9 @@
 """Disaggregated serving of the tiny model: prefill and decode pools, KV streamed between them, exactly.
 
-Each layout is one deployment for the whole module: 1P1D over the tcp transport, 2P2D over shm. Every test
-checks behaviour a client sees (tokens, finish reasons, timings) or what the engines report (free KV blocks,
-receive buffers).
+Each layout is one deployment for the whole module: 1P1D over the tcp transport, with conditional
+disaggregation (a 1-token prompt runs whole on the decode instance), and 2P2D over shm, where every prompt is
+disaggregated. Every test checks behaviour a client sees (tokens, finish reasons, timings) or what the engines
+report (free KV blocks, receive buffers).
 """
 
 from __future__ import annotations
@@ -20,17 +21,17 @@ from tests.integration.conftest import LENGTHS, MAX_TOKENS, prompts
 
 pytestmark = pytest.mark.integration
 
-LAYOUTS = {"1P1D-tcp": (1, 1, "tcp"), "2P2D-shm": (2, 2, "shm")}
+LAYOUTS = {"1P1D-tcp": (1, 1, "tcp", 2), "2P2D-shm": (2, 2, "shm", 0)}  # ..., min_prompt_tokens
 
 
 @pytest.fixture(scope="module", params=list(LAYOUTS))
 def disagg(request, tiny_model):
-    prefill, decode, transport = LAYOUTS[request.param]
+    prefill, decode, transport, min_prompt = LAYOUTS[request.param]
     dep = start_deployment(
         tiny_model,
         {"mode": "disaggregated", "prefill_instances": prefill, "decode_instances": decode},
         router={"policy": "round_robin"},
-        transfer={"transport": transport},
+        transfer={"transport": transport, "min_prompt_tokens": min_prompt},
     )
     dep.layout = (prefill, decode)
     yield dep
@@ -62,8 +63,11 @@ def test_greedy_tokens_equal_plain_vllm(disagg, reference, index):
     expected_ids, expected_reason = reference.single[index]
     assert done.token_ids == expected_ids
     assert done.final.finish_reason == expected_reason
-    assert done.final.prefill_instance.startswith("prefill-")
     assert done.final.decode_instance.startswith("decode-")
+    if len(ids) < disagg.router.handoff.min_prompt_tokens:  # ran whole on the decode instance
+        assert done.final.prefill_instance == done.final.decode_instance
+    else:
+        assert done.final.prefill_instance.startswith("prefill-")
 
 
 def test_every_instance_serves(disagg):
