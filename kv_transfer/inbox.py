@@ -176,12 +176,8 @@ class Inbox:
                 entry = self._entries.get(key)
                 if entry is None or entry.posted is None or entry.state not in (_State.POSTED, _State.ARRIVING):
                     continue
-                if entry.landing is not None:
-                    with entry.landing.lock:
-                        entry.landing.withdrawn = True
                 self._remember_withdrawn(key)
-                entry.state, entry.error = _State.FAILED, error
-                entry.done.set()
+                self._fail_entry(entry, error)
 
     def refuse(self, keys: list[bytes]) -> None:
         """Discards whatever arrives later for `keys` that nobody posted (a transfer that was called off)."""
@@ -264,8 +260,13 @@ class Inbox:
                     if entry.posted is None:  # an unclaimed partial stash: nobody will ever want it
                         self._drop(key, entry)
                         continue
-                    if entry.landing is not None:
-                        with entry.landing.lock:  # the reader may be mid-write: wait it out, then fence it off
-                            entry.landing.withdrawn = True
-                    entry.state, entry.error = _State.FAILED, kind(why)
-                    entry.done.set()
+                    self._fail_entry(entry, kind(why))
+
+    @staticmethod
+    def _fail_entry(entry: _Entry, error: TransportError) -> None:
+        """Fences a posted entry off from the reader and wakes its waiter with `error`. Call with the lock held."""
+        if entry.landing is not None:
+            with entry.landing.lock:  # the reader may be mid-write: wait it out, then fence it off
+                entry.landing.withdrawn = True
+        entry.state, entry.error = _State.FAILED, error
+        entry.done.set()

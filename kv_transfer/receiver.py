@@ -89,11 +89,9 @@ class Receiver:
         """
         keys = [layer_key(t, i) for t in transfer_ids for i in range(num_layers)]
         wanted = set(keys)
-        with self._changed:
-            links = list(self._links.values())
-        freed = sum(link.drop_stash(lambda key, since: key in wanted) for link in links)
+        freed = self._drop_stash(lambda key, since: key in wanted)
         called_off = TransportError("the transfer was called off")
-        for link in links:
+        for link in self._current_links():
             link.refuse(keys)
             link.cancel(keys, called_off)  # a load already waiting for them gives up now
         return freed
@@ -102,6 +100,10 @@ class Receiver:
         """Frees stashes older than the lease; returns the bytes freed."""
         cutoff = time.monotonic() - self._lease
         return self._drop_stash(lambda key, since: since < cutoff)
+
+    def _current_links(self) -> list[Link]:
+        with self._changed:
+            return list(self._links.values())
 
     def state(self) -> dict[str, int]:
         with self._changed:
@@ -121,9 +123,7 @@ class Receiver:
             link.close()
 
     def _drop_stash(self, doomed: Callable[[bytes, float], bool]) -> int:
-        with self._changed:
-            links = list(self._links.values())
-        return sum(link.drop_stash(doomed) for link in links)
+        return sum(link.drop_stash(doomed) for link in self._current_links())
 
     def _load(self, req_id: str, spec: RecvSpec, layers: Sequence[Sequence[memoryview]]) -> None:
         posted = time.time()

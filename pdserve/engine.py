@@ -9,6 +9,7 @@ step and when the engine goes idle.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -166,7 +167,7 @@ class Engine:
         """Fills in the KV receive address (decode engines); call once after construction."""
         if self._kv is not None and self._kv.role == "kv_consumer":
             (address,) = await self._llm.collective_rpc("pdkv_address")
-            self.info = EngineInfo(**{**_fields(self.info), "kv_address": address})
+            self.info = dataclasses.replace(self.info, kv_address=address)
         return self.info
 
     async def kv_state(self) -> dict[str, int]:
@@ -231,10 +232,6 @@ class Engine:
     def shutdown(self) -> None:
         self._llm.shutdown()
 
-
-
-def _fields(info: EngineInfo) -> dict[str, Any]:
-    return {name: getattr(info, name) for name in EngineInfo.__dataclass_fields__}
 
 
 def _block_bytes(vllm_config: Any) -> int:

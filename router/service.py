@@ -252,27 +252,26 @@ class Router:
 
     @staticmethod
     async def _await(ref: Any, request: Request) -> Any:
-        try:
-            async with asyncio.timeout_at(request.deadline):
-                return await ref
-        except TimeoutError:
-            raise DeadlineExceeded("the request's deadline passed before it finished") from None
-        except ray.exceptions.RayError as e:
-            raise EngineFailure(f"the worker failed: {type(e).__name__}") from e
-
-    @staticmethod
-    async def _next(stream: Any, request: Request) -> Any:
+        """`ref`'s result; a passed deadline, an ended stream and a failed worker become typed errors."""
         try:
             # asyncio.timeout_at costs no task per token, unlike wait_for; None means no deadline.
             async with asyncio.timeout_at(request.deadline):
-                # The generator hands out a reference once its object is ready, so awaiting it is immediate.
-                return await (await anext(stream))
+                return await ref
         except TimeoutError:
             raise DeadlineExceeded("the request's deadline passed before it finished") from None
         except StopAsyncIteration:
             raise EngineFailure("the worker ended the stream without a finish reason") from None
         except ray.exceptions.RayError as e:
             raise EngineFailure(f"the worker failed: {type(e).__name__}") from e
+
+    @classmethod
+    async def _next(cls, stream: Any, request: Request) -> Any:
+        return await cls._await(_next_item(stream), request)
+
+
+async def _next_item(stream: Any) -> Any:
+    # The generator hands out a reference once its object is ready, so awaiting it is immediate.
+    return await (await anext(stream))
 
 
 @dataclass(slots=True)

@@ -19,17 +19,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import os
 import random
-import statistics
 import sys
 import time
 from typing import Any
 
 from tqdm import tqdm
 
-from pdserve.bench.report import table, write_json
-from pdserve.config import ServeConfig, config_from_dict, load_config
+from pdserve.bench.report import percentile, table, write_json
+from pdserve.bench.serve import TARGETS, target_config
+from pdserve.config import ServeConfig, load_config
 from pdserve.kv_transfer.params import RecvSpec, SendSpec, to_params
 from pdserve.router.request import SamplingSpec
 
@@ -96,7 +95,7 @@ async def _real(config: ServeConfig, prompt_tokens: int, requests: int) -> list[
 
 def summarize(samples: list[Sample], raw: dict[str, Any], transport: str) -> dict[str, Any]:
     def med(values: list[float]) -> float:
-        return statistics.median(values) if values else float("nan")
+        return percentile(values, 50)
 
     on = [s for s in samples if s.layerwise]
     off = [s for s in samples if not s.layerwise]
@@ -123,15 +122,7 @@ def summarize(samples: list[Sample], raw: dict[str, Any], transport: str) -> dic
 def main(args: argparse.Namespace) -> int:
     from pdserve.bench.transport import measure
 
-    base = load_config(args.config)
-    data = {
-        "ray": {"num_cpus": os.cpu_count() or 2, "log_to_driver": False},
-        "engine": dataclasses.asdict(base.engine) | ({"model": args.model} if args.model else {}),
-        "workers": {"mode": "disaggregated", "prefill_instances": 1, "decode_instances": 1},
-        "transfer": dataclasses.asdict(base.transfer),
-        "router": {"port": 0, "metrics_port": 0},
-    }
-    config = config_from_dict(data)
+    config = target_config(load_config(args.config), TARGETS["pdserve-disagg"], args.model)
     if args.prompt_tokens >= config.engine.max_model_len:
         raise SystemExit(f"--prompt-tokens must be below the model's max_model_len ({config.engine.max_model_len})")
     samples = asyncio.run(_real(config, args.prompt_tokens, args.requests))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import random
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 
@@ -24,6 +25,14 @@ LENGTHS = [1, 7, BLOCK - 1, BLOCK, BLOCK + 1, 3 * BLOCK + 17, 6 * BLOCK + 5, TIN
 def prompts() -> list[list[int]]:
     rng = random.Random(1234)
     return [[rng.randrange(100, 49_000) for _ in range(n)] for n in LENGTHS]
+
+
+def complete_greedy(target: str, index: int) -> Any:
+    """Prompt `index` through the SDK, greedily, as the reference ran it; the `Completion`."""
+    from pdserve_client import Client
+
+    with Client(target) as client:
+        return client.complete(prompts()[index], max_tokens=MAX_TOKENS, temperature=0.0, timeout=120)
 
 
 @dataclass(frozen=True)

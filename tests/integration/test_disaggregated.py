@@ -17,7 +17,7 @@ import ray
 from pdserve_client import AsyncClient, Cancelled, Client
 
 from tests.conftest import start_deployment, stop_deployment
-from tests.integration.conftest import LENGTHS, MAX_TOKENS, prompts
+from tests.integration.conftest import LENGTHS, MAX_TOKENS, complete_greedy, prompts
 
 pytestmark = pytest.mark.integration
 
@@ -58,8 +58,7 @@ def assert_nothing_held(dep):
 @pytest.mark.parametrize("index", range(len(LENGTHS)), ids=[f"prompt{n}" for n in LENGTHS])
 def test_greedy_tokens_equal_plain_vllm(disagg, reference, index):
     ids = prompts()[index]
-    with Client(disagg.target) as client:
-        done = client.complete(ids, max_tokens=MAX_TOKENS, temperature=0.0, timeout=120)
+    done = complete_greedy(disagg.target, index)
     expected_ids, expected_reason = reference.single[index]
     assert done.token_ids == expected_ids
     assert done.final.finish_reason == expected_reason

@@ -7,9 +7,8 @@ test_disaggregated.py.
 from __future__ import annotations
 
 import pytest
-from pdserve_client import Client
 
-from tests.integration.conftest import LENGTHS, MAX_TOKENS, prompts
+from tests.integration.conftest import LENGTHS, complete_greedy, prompts
 
 pytestmark = pytest.mark.integration
 
@@ -23,8 +22,7 @@ def test_reference_outputs_are_not_degenerate(reference):
 @pytest.mark.parametrize("index", range(len(LENGTHS)), ids=[f"prompt{n}" for n in LENGTHS])
 def test_greedy_tokens_equal_plain_vllm(deployment, reference, index):
     ids = prompts()[index]
-    with Client(deployment.target) as client:
-        done = client.complete(ids, max_tokens=MAX_TOKENS, temperature=0.0, timeout=120)
+    done = complete_greedy(deployment.target, index)
     expected_ids, expected_reason = reference.single[index]
     assert done.token_ids == expected_ids
     assert done.final.finish_reason == expected_reason
