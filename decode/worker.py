@@ -3,8 +3,9 @@
 Disaggregated mode: the engine is a KV consumer; a request arrives with its prompt plus the first token the
 prefill sampled and a `RecvSpec`, waits in the engine until its KV landed, then decodes. The last chunk
 carries the receive record. Colocated mode (and short prompts under conditional disaggregation): a request
-runs whole. Cancelling the Ray task (the router does so when its client goes away) or calling `abort` stops
-the request in the engine within one step.
+runs whole. The router calls `generate` over the worker's request channel (`pdserve.channel`); cancelling
+that call (the router does so when its client goes away) or calling `abort` stops the request in the engine
+within one step.
 """
 
 from __future__ import annotations

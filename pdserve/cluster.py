@@ -18,6 +18,7 @@ from typing import Any
 import grpc
 import ray
 
+from pdserve.channel import WorkerChannel
 from pdserve.config import EngineConfig, RayConfig, ServeConfig, TransferConfig, WorkersConfig
 from pdserve.decode.worker import DecodeWorker
 from pdserve.engine import KVRole
@@ -51,6 +52,9 @@ def init_ray(config: RayConfig) -> None:
 
 def worker_env(index: int, workers: WorkersConfig, engine: EngineConfig, node_cpus: int) -> dict[str, str]:
     env = {
+        # Ray starts worker processes at nice 15; an engine there loses its core to any nice-0 process (the
+        # router, Ray's own agents) and its steps slow down. Engines run at normal priority.
+        "RAY_worker_niceness": "0",
         "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
         "VLLM_LOGGING_LEVEL": engine.log_level,
         # vLLM 0.32's ahead-of-time compile cache fails to load back ("'function' object has no attribute
@@ -94,8 +98,7 @@ async def start_workers(config: ServeConfig, model_dir: str) -> list[Instance]:
     handles = []
     for index, (instance_id, role, cls, kv) in enumerate(plan):
         env = worker_env(index, workers, config.engine, node_cpus)
-        if kv is not None:
-            env[SECRET_ENV] = secret
+        env[SECRET_ENV] = secret  # KV links and request channels accept only holders of the secret
         handle = ray.remote(cls).options(  # type: ignore[attr-defined]
             name=f"{instance_id}@{epoch}",  # unique per start: a stopped deployment's names may linger
             num_cpus=workers.cpus_per_instance,
@@ -104,7 +107,8 @@ async def start_workers(config: ServeConfig, model_dir: str) -> list[Instance]:
                  kv_role(kv, instance_id, epoch, config.transfer) if kv else None)
         handles.append((instance_id, role, handle))
     infos = await asyncio.gather(*(h.start.remote() for _, _, h in handles))
-    return [Instance(iid, role, h, info) for (iid, role, h), info in zip(handles, infos, strict=True)]
+    return [Instance(iid, role, h, info, WorkerChannel(info.request_address, secret))
+            for (iid, role, h), info in zip(handles, infos, strict=True)]
 
 
 @dataclass
@@ -125,6 +129,7 @@ class Deployment:
         await self.server.stop(grace)
         self.metrics_server.shutdown()
         instances = self.router.registry.all()
+        await asyncio.gather(*(i.channel.close() for i in instances))
         await asyncio.gather(*(i.handle.shutdown.remote() for i in instances), return_exceptions=True)
         for i in instances:
             ray.kill(i.handle)

@@ -27,6 +27,7 @@ class EngineInfo:
     num_blocks: int
     kv_block_bytes: int = 0  # one block's KV over all layers
     kv_address: str = ""  # where prefill workers send this engine KV (decode engines only)
+    request_address: str = ""  # where the router sends this worker requests (`pdserve.channel`)
 
 
 @dataclass(frozen=True, slots=True)

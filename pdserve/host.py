@@ -6,12 +6,18 @@ in `start` (tens of seconds), not in the constructor, so the cluster starts ever
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+import ray
+
+from pdserve import channel
 from pdserve.config import EngineConfig
 from pdserve.engine import Engine, EngineInfo, EngineStats, KVRole
+from pdserve.kv_transfer.transport import SECRET_ENV
 
 
 class EngineHost:
@@ -21,12 +27,15 @@ class EngineHost:
         self._model_dir = Path(model_dir)
         self._kv = kv
         self._engine: Engine | None = None
+        self._server: Any = None  # the request channel's server (`pdserve.channel`)
 
     async def start(self) -> EngineInfo:
-        """Builds the engine; called once before any request."""
+        """Builds the engine and opens the request channel; called once before any request."""
         if self._engine is None:
             self._engine = Engine(self._config, self._model_dir, self._kv)
             await self._engine.start_kv()
+            self._server, address = await channel.serve(self, ray.util.get_node_ip_address(), os.environ[SECRET_ENV])
+            self._engine.info = dataclasses.replace(self._engine.info, request_address=address)
         return self._engine.info
 
     def _ready(self) -> Engine:
@@ -59,6 +68,9 @@ class EngineHost:
         return os.getpid()
 
     async def shutdown(self) -> None:
+        if self._server is not None:
+            await self._server.stop(grace=None)
+            self._server = None
         if self._engine is not None:
             self._engine.shutdown()
             self._engine = None

@@ -1,4 +1,4 @@
-"""The instance registry: the router's live view of its workers (handles, outstanding requests).
+"""The instance registry: the router's live view of its workers (handles, channels, outstanding requests).
 
 Policies never see this object, only the `InstanceSnapshot`s it hands out.
 """
@@ -16,8 +16,9 @@ from pdserve.router.instance import InstanceSnapshot
 class Instance:
     instance_id: str
     role: str
-    handle: Any  # the worker's Ray actor handle
+    handle: Any  # the worker's Ray actor handle: lifecycle calls (stats, abort, release, shutdown)
     info: EngineInfo
+    channel: Any  # the worker's request channel (`pdserve.channel.WorkerChannel`): prompts in, tokens out
     outstanding: int = 0
     healthy: bool = True
 

@@ -17,11 +17,9 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, replace
 from typing import Any
-
-import ray
 
 from pdserve.kv_transfer.params import RecvSpec, SendSpec, blocks_for, to_params
 from pdserve.router.errors import DeadlineExceeded, EngineFailure, Overloaded, ServeError
@@ -190,15 +188,14 @@ class Router:
     async def _prefill(self, run: _Run, prefill: Instance, kv_params: dict[str, Any]) -> Any:
         request = run.request
         prefill.outstanding += 1
-        ref = prefill.handle.prefill.remote(request.request_id, run.prompt_ids, request.sampling, kv_params)
+        call = prefill.channel.prefill(request.request_id, run.prompt_ids, request.sampling, kv_params)
         done = False
         try:
-            result = await self._await(ref, request)
+            result = await self._await(call, request)  # a cancelled await cancels the call in the worker
             done = True
         finally:
             prefill.outstanding -= 1
             if not done:
-                ray.cancel(ref)
                 self._cleanup(prefill.handle.abort.remote(request.request_id))
         run.clock.prefill_queue, run.clock.prefill_compute = result.engine_queue, result.compute
         run.clock.tokens_arrived(time.monotonic(), len(result.token_ids))
@@ -212,12 +209,12 @@ class Router:
         request, clock = run.request, run.clock
         instance.outstanding += 1
         self.metrics.running.inc()
-        stream = instance.handle.generate.remote(request.request_id, prompt_ids, sampling, kv_params)
+        stream = instance.channel.generate(request.request_id, prompt_ids, sampling, kv_params)
         handed_off = kv_params is not None
         first = True
         try:
             while not run.finished:
-                chunk = await self._next(stream, request)
+                chunk = await self._await(stream.next(), request)
                 clock.tokens_arrived(time.monotonic(), len(chunk.token_ids))
                 if first:
                     first = False
@@ -247,31 +244,18 @@ class Router:
             self.metrics.running.dec()
             if not run.finished:
                 # The client went away, the deadline passed or the worker failed: stop the engine's work.
-                ray.cancel(stream)
+                stream.cancel()
                 self._cleanup(instance.handle.abort.remote(request.request_id))
 
     @staticmethod
-    async def _await(ref: Any, request: Request) -> Any:
-        """`ref`'s result; a passed deadline, an ended stream and a failed worker become typed errors."""
+    async def _await(step: Awaitable[Any], request: Request) -> Any:
+        """`step`'s result; a passed deadline becomes `DeadlineExceeded` (the channel raises `EngineFailure`)."""
         try:
             # asyncio.timeout_at costs no task per token, unlike wait_for; None means no deadline.
             async with asyncio.timeout_at(request.deadline):
-                return await ref
+                return await step
         except TimeoutError:
             raise DeadlineExceeded("the request's deadline passed before it finished") from None
-        except StopAsyncIteration:
-            raise EngineFailure("the worker ended the stream without a finish reason") from None
-        except ray.exceptions.RayError as e:
-            raise EngineFailure(f"the worker failed: {type(e).__name__}") from e
-
-    @classmethod
-    async def _next(cls, stream: Any, request: Request) -> Any:
-        return await cls._await(_next_item(stream), request)
-
-
-async def _next_item(stream: Any) -> Any:
-    # The generator hands out a reference once its object is ready, so awaiting it is immediate.
-    return await (await anext(stream))
 
 
 @dataclass(slots=True)
