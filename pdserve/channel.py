@@ -89,8 +89,13 @@ async def serve(worker: Any, host: str, secret: str) -> tuple[grpc.aio.Server, s
     return server, f"{host}:{port}"
 
 
+class WorkerGone(EngineFailure):
+    """The worker could not be reached (its process died, its node left): the call did not complete."""
+
+
 def _failure(e: grpc.aio.AioRpcError) -> EngineFailure:
-    return EngineFailure(f"the worker failed: {e.code().name}: {e.details()}")
+    error = WorkerGone if e.code() == grpc.StatusCode.UNAVAILABLE else EngineFailure
+    return error(f"the worker failed: {e.code().name}: {e.details()}")
 
 
 class ChunkStream:

@@ -41,6 +41,8 @@ class RouterMetrics:
                                 registry=r)
         self.kv_transfers = Counter("pdserve_kv_transfers", "KV transfers that ended, by result (ok, failed: the "
                                     "decode instance recomputed the prompt)", ["result"], registry=r)
+        self.resumed = Counter("pdserve_requests_resumed", "Times a request moved to another instance after its "
+                               "worker was lost", registry=r)
         self.running = Gauge("pdserve_requests_running", "Requests placed on an instance and not ended",
                              registry=r)
 

@@ -15,12 +15,14 @@ sent for a decode that will not come. Transport-agnostic: the gRPC and HTTP fron
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+from pdserve.channel import WorkerGone
 from pdserve.kv_transfer.params import RecvSpec, SendSpec, blocks_for, to_params
 from pdserve.router.errors import DeadlineExceeded, EngineFailure, Overloaded, ServeError
 from pdserve.router.metrics import RouterMetrics
@@ -32,7 +34,10 @@ from pdserve.router.timings import Clock, PhaseTimings
 from pdserve.router.tokenizer import PromptTokenizer
 from pdserve.router.validation import Limits, check_prompt_tokens, check_request
 
+log = logging.getLogger(__name__)
+
 COLOCATED = "colocated"
+MAX_RESUMES = 2  # lost workers a request survives
 PREFILL = "prefill"
 DECODE = "decode"
 
@@ -127,21 +132,42 @@ class Router:
         prompt_ids = self.tokenizer.encode(request)
         check_prompt_tokens(prompt_ids, self.limits)
         run = _Run(request, prompt_ids, clock, self.tokenizer.text_stream())
-        if self.handoff is not None and len(prompt_ids) >= self.handoff.min_prompt_tokens:
-            stream = self._disaggregated(run, self.handoff)
-        else:
-            instance = self._pick(DECODE if self.handoff is not None else COLOCATED)
-            clock.dispatched = time.monotonic()
-            stream = self._stream(run, instance, prompt_ids, request.sampling, None)
-        async for delta in stream:
-            yield delta
+        while True:
+            try:
+                async for delta in self._leg(run):
+                    yield delta
+                return
+            except WorkerLost as lost:
+                # The worker died under the request: it leaves the pool, and the request resumes elsewhere from
+                # the prompt plus every token the client already has (greedy output is unchanged by the move).
+                lost.instance.healthy = False
+                if run.legs > MAX_RESUMES:
+                    raise EngineFailure(f"{run.legs} workers failed under the request: {lost}") from None
+                self.metrics.resumed.inc()
+                log.warning("request %s resumes after %s", request.request_id, lost)
+
+    def _leg(self, run: _Run) -> AsyncIterator[Delta]:
+        """The request's next leg: all of it, or what is left of it after a lost worker."""
+        run.legs += 1
+        run.prefill_instance, run.on_first_chunk = "", None
+        h = self.handoff
+        if h is not None and len(run.context) >= h.min_prompt_tokens and self._any_healthy(PREFILL):
+            return self._disaggregated(run, h)
+        # Colocated mode, short prompts, and every prefill instance lost: the request runs whole on one instance.
+        instance = self._pick(DECODE if h is not None else COLOCATED)
+        run.clock.dispatched = run.clock.dispatched or time.monotonic()
+        return self._stream(run, instance, run.context, run.rest(), None)
+
+    def _any_healthy(self, role: str) -> bool:
+        return any(s.healthy for s in self.registry.snapshots(role))
 
     def _pick(self, role: str) -> Instance:
         policy = self.handoff.prefill_policy if role == PREFILL and self.handoff is not None else self.policy
         return self.registry.get(policy.pick(self.registry.snapshots(role)))
 
     async def _disaggregated(self, run: _Run, handoff: Handoff) -> AsyncIterator[Delta]:
-        request, clock, n = run.request, run.clock, len(run.prompt_ids)
+        request, clock, context = run.request, run.clock, run.context
+        n = len(context)
         decode, prefill = self._pick(DECODE), self._pick(PREFILL)
         nbytes = blocks_for(n, decode.info.block_size) * decode.info.kv_block_bytes
         try:
@@ -152,23 +178,24 @@ class Router:
         except TimeoutError:
             raise DeadlineExceeded("the request's deadline passed while it waited for a decode instance") from None
         deadline = time.time() + handoff.deadline_s
-        send = SendSpec(request.request_id, decode.info.kv_address, decode.instance_id, n, deadline,
-                        handoff.layerwise)
+        send = SendSpec(run.leg_id, decode.info.kv_address, decode.instance_id, n, deadline, handoff.layerwise)
         claimed = False
         try:
-            clock.dispatched = time.monotonic()
+            clock.dispatched = clock.dispatched or time.monotonic()
             first = await self._prefill(run, prefill, to_params(send))
-            if first.finish_reason is not None or request.sampling.max_tokens == 1:
+            run.produced += 1
+            run.generated += first.token_ids
+            if first.finish_reason is not None or run.produced == request.sampling.max_tokens:
+                run.finished = True
                 reason = first.finish_reason or "length"
                 timings = clock.disaggregated(time.monotonic())
-                outcome = Outcome(reason, n, 1, timings, prefill.instance_id, prefill.instance_id)
+                outcome = Outcome(reason, len(run.prompt_ids), run.produced, timings, prefill.instance_id,
+                                  prefill.instance_id)
                 yield Delta(first.token_ids, run.text.step(first.token_ids), outcome)
                 return
             yield Delta(first.token_ids, run.text.step(first.token_ids))
-            recv = to_params(RecvSpec(request.request_id, prefill.instance_id, n, deadline))
-            clock.decode_dispatched = time.monotonic()
-            rest = replace(request.sampling, max_tokens=request.sampling.max_tokens - 1)
-            run.produced = 1
+            recv = to_params(RecvSpec(run.leg_id, prefill.instance_id, n, deadline))
+            clock.decode_dispatched = clock.decode_dispatched or time.monotonic()
 
             async def landed() -> None:
                 nonlocal claimed
@@ -177,27 +204,28 @@ class Router:
 
             run.on_first_chunk = landed
             run.prefill_instance = prefill.instance_id
-            async for delta in self._stream(run, decode, run.prompt_ids + first.token_ids, rest, recv):
+            async for delta in self._stream(run, decode, context + first.token_ids, run.rest(), recv):
                 yield delta
         finally:
             if not claimed:
                 await handoff.budget.release(decode.instance_id, nbytes)
             if not run.finished:  # whatever reached the decode side for this transfer will not be claimed
-                self._cleanup(decode.handle.release.remote([request.request_id]))
+                self._cleanup(decode.handle.release.remote([run.leg_id]))
 
     async def _prefill(self, run: _Run, prefill: Instance, kv_params: dict[str, Any]) -> Any:
         request = run.request
         prefill.outstanding += 1
-        call = prefill.channel.prefill(request.request_id, run.prompt_ids, request.sampling, kv_params)
+        call = prefill.channel.prefill(run.leg_id, run.context, request.sampling, kv_params)
         done = False
         try:
-            result = await self._await(call, request)  # a cancelled await cancels the call in the worker
+            result = await self._await(call, request, prefill)  # a cancelled await cancels the call in the worker
             done = True
         finally:
             prefill.outstanding -= 1
             if not done:
-                self._cleanup(prefill.handle.abort.remote(request.request_id))
-        run.clock.prefill_queue, run.clock.prefill_compute = result.engine_queue, result.compute
+                self._cleanup(prefill.handle.abort.remote(run.leg_id))
+        if run.legs == 1:
+            run.clock.prefill_queue, run.clock.prefill_compute = result.engine_queue, result.compute
         run.clock.tokens_arrived(time.monotonic(), len(result.token_ids))
         if not result.token_ids:
             raise EngineFailure("the prefill engine ended the request without a token")
@@ -209,22 +237,23 @@ class Router:
         request, clock = run.request, run.clock
         instance.outstanding += 1
         self.metrics.running.inc()
-        stream = instance.channel.generate(request.request_id, prompt_ids, sampling, kv_params)
+        stream = instance.channel.generate(run.leg_id, prompt_ids, sampling, kv_params)
         handed_off = kv_params is not None
         first = True
         try:
             while not run.finished:
-                chunk = await self._await(stream.next(), request)
+                chunk = await self._await(stream.next(), request, instance)
                 clock.tokens_arrived(time.monotonic(), len(chunk.token_ids))
                 if first:
                     first = False
                     if handed_off:
-                        clock.decode_compute = chunk.prefill_compute
+                        clock.decode_compute = clock.decode_compute or chunk.prefill_compute
                         if run.on_first_chunk is not None:
                             await run.on_first_chunk()
-                    else:
+                    elif run.legs == 1:
                         clock.prefill_compute = chunk.prefill_compute
                 run.produced += len(chunk.token_ids)
+                run.generated += chunk.token_ids
                 outcome = None
                 if chunk.finish_reason is not None:
                     if chunk.finish_reason not in ("stop", "length"):
@@ -245,31 +274,58 @@ class Router:
             if not run.finished:
                 # The client went away, the deadline passed or the worker failed: stop the engine's work.
                 stream.cancel()
-                self._cleanup(instance.handle.abort.remote(request.request_id))
+                self._cleanup(instance.handle.abort.remote(run.leg_id))
 
     @staticmethod
-    async def _await(step: Awaitable[Any], request: Request) -> Any:
-        """`step`'s result; a passed deadline becomes `DeadlineExceeded` (the channel raises `EngineFailure`)."""
+    async def _await(step: Awaitable[Any], request: Request, instance: Instance) -> Any:
+        """`step`'s result; a passed deadline becomes `DeadlineExceeded`, a worker gone `WorkerLost`."""
         try:
             # asyncio.timeout_at costs no task per token, unlike wait_for; None means no deadline.
             async with asyncio.timeout_at(request.deadline):
                 return await step
         except TimeoutError:
             raise DeadlineExceeded("the request's deadline passed before it finished") from None
+        except WorkerGone as e:
+            raise WorkerLost(instance, str(e)) from None
+
+
+class WorkerLost(Exception):
+    """The worker running a leg of a request is gone; the router resumes the request elsewhere."""
+
+    def __init__(self, instance: Instance, reason: str) -> None:
+        super().__init__(f"{instance.instance_id}: {reason}")
+        self.instance = instance
 
 
 @dataclass(slots=True)
 class _Run:
-    """One request in flight at the router."""
+    """One request in flight at the router. A leg is one attempt at the rest of it (a second leg after a lost
+    worker starts from the prompt plus every token generated so far)."""
 
     request: Request
     prompt_ids: list[int]
     clock: Clock
     text: Any  # the detokenizer's stream
     produced: int = 0
+    generated: list[int] = field(default_factory=list)  # every token the client has been sent
     finished: bool = False
+    legs: int = 0
     on_first_chunk: Any = None  # awaited when the first chunk from the engine arrives
     prefill_instance: str = ""  # set once a prefill instance computed the prompt
+
+    @property
+    def context(self) -> list[int]:
+        """What the next leg starts from."""
+        return self.prompt_ids + self.generated
+
+    @property
+    def leg_id(self) -> str:
+        """The engines' request id (and the transfer id) of the current leg: unique per leg."""
+        rid = self.request.request_id
+        return rid if self.legs <= 1 else f"{rid}.{self.legs}"
+
+    def rest(self) -> Any:
+        return replace(self.request.sampling, max_tokens=self.request.sampling.max_tokens - self.produced)
 
 
 def _kv_wait(record: dict[str, Any] | None) -> float:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+import ray
 
 from tests.conftest import TINY_ENGINE
 
@@ -73,3 +74,23 @@ def reference(tiny_model) -> Reference:
             else:
                 os.environ[k] = v
     return Reference(single, batched)
+
+
+def handles(dep):
+    """The Ray handles of the deployment's live workers (those still in the pool)."""
+    return [i.handle for i in dep.router.registry.all() if i.healthy]
+
+
+def assert_nothing_held(dep):
+    """Every engine idle with every KV block free; no send in progress, no receive buffer in use."""
+    dep.loop.run(dep.router.settle())
+    for stats in ray.get([h.wait_idle.remote(60.0) for h in handles(dep)]):
+        assert (stats.running, stats.waiting, stats.kv_cache_usage) == (0, 0, 0.0)
+    for instance in dep.router.registry.all():
+        assert dep.router.handoff.budget.used(instance.instance_id) == 0
+        if not instance.healthy:
+            continue
+        state = ray.get(instance.handle.kv_state.remote())
+        assert state.get("outgoing", 0) == 0, (instance.instance_id, state)
+        assert state.get("stashed_bytes", 0) == 0, (instance.instance_id, state)
+        assert state.get("pending_loads", 0) == 0, (instance.instance_id, state)

@@ -13,11 +13,10 @@ import random
 import time
 
 import pytest
-import ray
 from pdserve_client import AsyncClient, Cancelled, Client
 
 from tests.conftest import start_deployment, stop_deployment
-from tests.integration.conftest import LENGTHS, MAX_TOKENS, complete_greedy, prompts
+from tests.integration.conftest import LENGTHS, MAX_TOKENS, assert_nothing_held, complete_greedy, prompts
 
 pytestmark = pytest.mark.integration
 
@@ -36,23 +35,6 @@ def disagg(request, tiny_model):
     dep.layout = (prefill, decode)
     yield dep
     stop_deployment(dep)
-
-
-def handles(dep):
-    return [i.handle for i in dep.router.registry.all()]
-
-
-def assert_nothing_held(dep):
-    """Every engine idle with every KV block free; no send in progress, no receive buffer in use."""
-    dep.loop.run(dep.router.settle())
-    for stats in ray.get([h.wait_idle.remote(60.0) for h in handles(dep)]):
-        assert (stats.running, stats.waiting, stats.kv_cache_usage) == (0, 0, 0.0)
-    for instance in dep.router.registry.all():
-        state = ray.get(instance.handle.kv_state.remote())
-        assert state.get("outgoing", 0) == 0, (instance.instance_id, state)
-        assert state.get("stashed_bytes", 0) == 0, (instance.instance_id, state)
-        assert state.get("pending_loads", 0) == 0, (instance.instance_id, state)
-        assert dep.router.handoff.budget.used(instance.instance_id) == 0
 
 
 @pytest.mark.parametrize("index", range(len(LENGTHS)), ids=[f"prompt{n}" for n in LENGTHS])

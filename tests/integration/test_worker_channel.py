@@ -1,4 +1,8 @@
-"""The request channel between the router and a worker: who may call it, and what a dead worker does to a stream."""
+"""The request channel between the router and a worker: who may call it, and what a dead worker does to a stream.
+
+Two colocated instances: when the one running a request dies, the request resumes on the other from the prompt
+plus the tokens already streamed, and the client's stream goes on without a gap or a repeat.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ import json
 import grpc
 import pytest
 import ray
-from pdserve_client import Client, Internal
+from pdserve_client import Client
 
 from tests.conftest import start_deployment, stop_deployment
 
@@ -16,7 +20,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def deployment(tiny_model):
-    dep = start_deployment(tiny_model, {"mode": "colocated", "instances": 1})
+    dep = start_deployment(tiny_model, {"mode": "colocated", "instances": 2})
     yield dep
     stop_deployment(dep)
 
@@ -34,7 +38,7 @@ def _raw_generate(address: str, metadata: tuple[tuple[str, str], ...]) -> list[o
 
 
 def test_a_worker_serves_only_callers_holding_the_cluster_secret(deployment):
-    address = deployment.router.registry.all()[0].info.request_address
+    address = deployment.router.registry.all()[1].info.request_address
     for metadata in ((), (("pdserve-secret", "not-the-secret"),)):
         with pytest.raises(grpc.RpcError) as e:
             _raw_generate(address, metadata)
@@ -44,14 +48,20 @@ def test_a_worker_serves_only_callers_holding_the_cluster_secret(deployment):
         assert len(client.complete([11, 12, 13], max_tokens=3, temperature=0.0, ignore_eos=True).token_ids) == 3
 
 
-def test_a_worker_that_dies_mid_stream_ends_the_request_with_an_error(deployment):
-    instance = deployment.router.registry.all()[0]
+def test_a_request_resumes_on_another_instance_when_its_worker_dies(deployment):
+    prompt, n = [11, 12, 13, 14, 15], 300
     with Client(deployment.target) as client:
-        stream = iter(client.generate([11, 12, 13], max_tokens=400, temperature=0.0, ignore_eos=True, timeout=120))
-        assert next(stream).token_ids  # the request is running in the worker
-        ray.kill(instance.handle)
-        with pytest.raises(Internal) as e:
-            for _ in stream:
-                pass
-    assert "the worker failed" in e.value.message
-    assert instance.outstanding == 0
+        expected = client.complete(prompt, max_tokens=n, temperature=0.0, ignore_eos=True).token_ids
+        chunks = iter(client.generate(prompt, max_tokens=n, temperature=0.0, ignore_eos=True, timeout=120))
+        got = list(next(chunks).token_ids)  # the request is running on one instance
+        (serving,) = [i for i in deployment.router.registry.all() if i.outstanding == 1]
+        ray.kill(serving.handle)
+        for chunk in chunks:
+            got += chunk.token_ids
+            final = chunk.final
+        assert got == expected
+        assert final.completion_tokens == n and final.decode_instance != serving.instance_id
+        assert not serving.healthy  # the dead instance left the pool: the next request goes to the survivor
+        assert client.complete(prompt, max_tokens=8, temperature=0.0, ignore_eos=True).token_ids == expected[:8]
+    assert deployment.router.metrics.resumed._value.get() == 1
+    assert all(i.outstanding == 0 for i in deployment.router.registry.all())
