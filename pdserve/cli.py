@@ -18,8 +18,10 @@ def _serve(args: argparse.Namespace) -> int:
 
     async def run() -> None:
         deployment = await deploy(config)
-        print(f"pdserve serving gRPC on {config.router.host}:{deployment.port}, "
-              f"metrics on http://{config.router.host}:{deployment.metrics_port}/metrics", flush=True)
+        host = config.router.host
+        print(f"pdserve serving gRPC on {host}:{deployment.port}, OpenAI-compatible HTTP on "
+              f"http://{host}:{deployment.http_port}/v1, metrics on http://{host}:{deployment.metrics_port}/metrics",
+              flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -32,6 +32,7 @@ from pdserve.router.registry import Instance, Registry
 from pdserve.router.service import COLOCATED, DECODE, PREFILL, Handoff, Router
 from pdserve.router.tokenizer import PromptTokenizer
 from pdserve.router.validation import Limits
+from pdserve.supervisor import Supervisor, supervise
 
 log = logging.getLogger(__name__)
 
@@ -68,11 +69,11 @@ def worker_env(index: int, workers: WorkersConfig, engine: EngineConfig, node_cp
     return env
 
 
-def kv_role(role: str, instance_id: str, epoch: int, transfer: TransferConfig) -> KVRole:
-    """The connector settings of one disaggregated instance (see `pdserve.kv_transfer.connector.Settings`)."""
+def kv_role(role: str, instance_id: str, transfer: TransferConfig) -> KVRole:
+    """The connector settings of one disaggregated instance (see `pdserve.kv_transfer.connector.Settings`); the
+    worker adds its epoch when it starts."""
     return KVRole(role, {
         "instance_id": instance_id,
-        "epoch": epoch,
         "transport": transfer.transport,
         "host": transfer.tcp_host,
         "lease_s": transfer.lease_s,
@@ -85,26 +86,27 @@ def cluster_secret() -> str:
     return os.environ.get(SECRET_ENV) or secrets.token_hex(32)
 
 
-async def start_workers(config: ServeConfig, model_dir: str) -> list[Instance]:
+async def start_workers(config: ServeConfig, model_dir: str, secret: str) -> list[Instance]:
     node_cpus = os.cpu_count() or 1
     workers = config.workers
-    epoch = time.time_ns() // 1_000_000  # grows with every start: a restarted instance fences its old self
+    run = time.time_ns() // 1_000_000  # names this deployment's actors apart from a stopped one's
     if workers.mode == COLOCATED:
         plan = [(f"{COLOCATED}-{i}", COLOCATED, DecodeWorker, None) for i in range(workers.instances)]
     else:
         plan = [(f"{PREFILL}-{i}", PREFILL, PrefillWorker, "kv_producer") for i in range(workers.prefill_instances)]
         plan += [(f"{DECODE}-{i}", DECODE, DecodeWorker, "kv_consumer") for i in range(workers.decode_instances)]
-    secret = cluster_secret()
     handles = []
     for index, (instance_id, role, cls, kv) in enumerate(plan):
         env = worker_env(index, workers, config.engine, node_cpus)
         env[SECRET_ENV] = secret  # KV links and request channels accept only holders of the secret
         handle = ray.remote(cls).options(  # type: ignore[attr-defined]
-            name=f"{instance_id}@{epoch}",  # unique per start: a stopped deployment's names may linger
+            name=f"{instance_id}@{run}",  # unique per deployment: a stopped deployment's names may linger
             num_cpus=workers.cpus_per_instance,
+            max_restarts=-1,  # Ray restarts a dead worker; the supervisor starts its engine and rejoins it
+            max_task_retries=0,  # a request on a dead worker is resumed by the router, not replayed by Ray
             runtime_env={"env_vars": env},
         ).remote(instance_id, config.engine, model_dir,
-                 kv_role(kv, instance_id, epoch, config.transfer) if kv else None)
+                 kv_role(kv, instance_id, config.transfer) if kv else None)
         handles.append((instance_id, role, handle))
     infos = await asyncio.gather(*(h.start.remote() for _, _, h in handles))
     return [Instance(iid, role, h, info, WorkerChannel(info.request_address, secret))
@@ -116,17 +118,21 @@ class Deployment:
     """A running pdserve: workers, router and frontend. `stop()` takes it all down."""
 
     router: Router
+    supervisor: Supervisor
     server: grpc.aio.Server
     port: int
     metrics_server: Any  # the /metrics HTTP server
     metrics_port: int
+    http_server: Any  # the OpenAI-compatible HTTP frontend (`pdserve.router.http_server.HttpServer`)
+    http_port: int
 
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
 
     async def stop(self, grace: float = 5.0) -> None:
-        await self.server.stop(grace)
+        await asyncio.gather(self.server.stop(grace), self.http_server.stop(grace))
+        await self.supervisor.stop()
         self.metrics_server.shutdown()
         instances = self.router.registry.all()
         await asyncio.gather(*(i.channel.close() for i in instances))
@@ -137,10 +143,12 @@ class Deployment:
 
 async def deploy(config: ServeConfig) -> Deployment:
     from pdserve.router.grpc_server import start_grpc
+    from pdserve.router.http_server import start_http
 
     model_dir = str(resolve_model(config.engine.model))
     init_ray(config.ray)
-    instances = await start_workers(config, model_dir)
+    secret = cluster_secret()
+    instances = await start_workers(config, model_dir, secret)
     tokenizer = PromptTokenizer(model_dir)
     limits = Limits(
         model_name=served_name(config.engine.model),
@@ -154,10 +162,13 @@ async def deploy(config: ServeConfig) -> Deployment:
         t = config.transfer
         budget = ReceiveBudget(t.receive_buffer_mib << 20)
         handoff = Handoff(t.deadline_s, t.min_prompt_tokens, budget, make_policy(config.router.policy), t.layerwise)
-    router = Router(Registry(instances), make_policy(config.router.policy), tokenizer, limits, metrics, handoff)
+    registry = Registry(instances)
+    router = Router(registry, make_policy(config.router.policy), tokenizer, limits, metrics, handoff)
+    supervisor = supervise(registry, secret)
     server, port = await start_grpc(router, config.router.host, config.router.port)
+    http_server, http_port = await start_http(router, config.router.host, config.router.http_port)
     metrics_server, metrics_port = serve_metrics(metrics, config.router.host, config.router.metrics_port)
-    return Deployment(router, server, port, metrics_server, metrics_port)
+    return Deployment(router, supervisor, server, port, metrics_server, metrics_port, http_server, http_port)
 
 
 def served_name(model: str) -> str:

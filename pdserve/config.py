@@ -112,15 +112,19 @@ class TransferConfig:
 
 @dataclass(frozen=True)
 class RouterConfig:
+    """The router and its frontends: gRPC on `port`, the OpenAI-compatible HTTP API on `http_port`, Prometheus
+    metrics on `metrics_port`, all on `host`; a port of 0 picks a free one."""
+
     host: str = "127.0.0.1"
     port: int = 50051
-    metrics_port: int = 9400  # Prometheus /metrics over HTTP; 0 picks a free port
+    http_port: int = 8000  # OpenAI-compatible HTTP: /v1/completions, /v1/chat/completions, /v1/models, /health
+    metrics_port: int = 9400  # Prometheus /metrics over HTTP
     policy: str = "least_outstanding"
     max_tokens_limit: int = 1024
     default_max_tokens: int = 128
 
     def __post_init__(self) -> None:
-        for name in ("port", "metrics_port"):
+        for name in ("port", "http_port", "metrics_port"):
             if not 0 <= getattr(self, name) <= 65535:
                 raise ValueError(f"router.{name} must be in [0, 65535], got {getattr(self, name)}")
         if self.max_tokens_limit < 1:

@@ -36,7 +36,7 @@ async def run_demo(config: ServeConfig, max_tokens: int = 96) -> int:
     config = dataclasses.replace(
         config,
         ray=dataclasses.replace(config.ray, log_to_driver=False),
-        router=dataclasses.replace(config.router, port=0, metrics_port=0),
+        router=dataclasses.replace(config.router, port=0, http_port=0, metrics_port=0),
     )
     started = time.monotonic()
     w = config.workers

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -30,9 +31,13 @@ class EngineHost:
         self._server: Any = None  # the request channel's server (`pdserve.channel`)
 
     async def start(self) -> EngineInfo:
-        """Builds the engine and opens the request channel; called once before any request."""
+        """Builds the engine and opens the request channel; called before any request, and again by the
+        supervisor after Ray restarted the actor (a no-op on a running one)."""
         if self._engine is None:
-            self._engine = Engine(self._config, self._model_dir, self._kv)
+            kv = self._kv
+            if kv is not None:  # every start is a new incarnation: its KV links fence the older ones out
+                kv = dataclasses.replace(kv, extra={**kv.extra, "epoch": time.time_ns() // 1_000_000})
+            self._engine = Engine(self._config, self._model_dir, kv)
             await self._engine.start_kv()
             self._server, address = await channel.serve(self, ray.util.get_node_ip_address(), os.environ[SECRET_ENV])
             self._engine.info = dataclasses.replace(self._engine.info, request_address=address)

@@ -8,7 +8,6 @@ Standard health checking and reflection are served beside the API.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -23,6 +22,7 @@ from pdserve_client.v1 import pdserve_pb2 as pb
 
 from pdserve import __version__
 from pdserve.router.errors import InvalidArgument, ServeError
+from pdserve.router.frontend import deadline_after, open_stream
 from pdserve.router.request import ChatMessage, Request, SamplingSpec
 from pdserve.router.service import COLOCATED, DECODE, PREFILL, Delta, Router, new_request_id
 
@@ -100,12 +100,8 @@ class GenerationService:
                     f"the request is not a valid pdserve.v1.GenerateRequest ({msg.reason}); "
                     "string fields must hold valid UTF-8"
                 )
-            remaining = context.time_remaining()
-            deadline = None if remaining is None else time.monotonic() + remaining
-            request = request_from_proto(msg, new_request_id(), deadline)
-            # aclosing: when the client goes away mid-stream, the router's clean-up (abort in the engine) runs
-            # now, not whenever the suspended generator is collected.
-            async with contextlib.aclosing(self._router.generate(request)) as deltas:
+            request = request_from_proto(msg, new_request_id(), deadline_after(context.time_remaining()))
+            async with open_stream(self._router, request) as deltas:
                 async for delta in deltas:
                     yield delta_to_proto(request.request_id, delta)
         except ServeError as e:

@@ -209,7 +209,7 @@ class Router:
         finally:
             if not claimed:
                 await handoff.budget.release(decode.instance_id, nbytes)
-            if not run.finished:  # whatever reached the decode side for this transfer will not be claimed
+            if not (claimed and run.finished):  # what reached the decode side for this transfer is not needed
                 self._cleanup(decode.handle.release.remote([run.leg_id]))
 
     async def _prefill(self, run: _Run, prefill: Instance, kv_params: dict[str, Any]) -> Any:

@@ -60,7 +60,8 @@ def start_deployment(tiny_model: Path, workers: dict[str, Any], **sections: dict
             "ray": {"num_cpus": 16},
             "engine": {"model": str(tiny_model), **TINY_ENGINE},
             "workers": workers,
-            "router": {"port": 0, "metrics_port": 0, "max_tokens_limit": 512, **sections.pop("router", {})},
+            "router": {"port": 0, "http_port": 0, "metrics_port": 0, "max_tokens_limit": 512,
+                       **sections.pop("router", {})},
             **sections,
         }
     )

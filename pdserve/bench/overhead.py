@@ -111,7 +111,8 @@ def main(args: argparse.Namespace) -> int:
     engine = dataclasses.asdict(EngineConfig(model=model, max_model_len=512, max_num_batched_tokens=512,
                                              kv_cache_gib=0.25, compile=False))
     config = config_from_dict(
-        {"engine": engine, "workers": {"mode": "colocated", "instances": 1}, "router": {"port": 0, "metrics_port": 0},
+        {"engine": engine, "workers": {"mode": "colocated", "instances": 1},
+         "router": {"port": 0, "http_port": 0, "metrics_port": 0},
          "ray": {"num_cpus": os.cpu_count() or 2, "log_to_driver": False}}
     )
     result = asyncio.run(run(config, args.requests, args.max_tokens))

@@ -97,7 +97,7 @@ def target_config(base: ServeConfig, workers: dict[str, Any], model: str | None)
         "engine": dataclasses.asdict(base.engine) | ({"model": model} if model else {}),
         "workers": workers,
         "transfer": dataclasses.asdict(base.transfer),
-        "router": {"port": 0, "metrics_port": 0, "max_tokens_limit": base.router.max_tokens_limit},
+        "router": {"port": 0, "http_port": 0, "metrics_port": 0, "max_tokens_limit": base.router.max_tokens_limit},
     }
     return config_from_dict(data)
 

@@ -21,7 +21,7 @@ PDSERVE = [sys.executable, "-m", "pdserve.cli"]
 
 def tiny_config(tmp_path: Path, model: Path) -> Path:
     path = tmp_path / "tiny.yaml"
-    router = {"port": 0, "metrics_port": 0}
+    router = {"port": 0, "http_port": 0, "metrics_port": 0}
     path.write_text(yaml.safe_dump({"engine": {"model": str(model), **TINY_ENGINE}, "router": router}))
     return path
 

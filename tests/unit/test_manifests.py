@@ -215,14 +215,15 @@ def test_probes_ports_and_service_reach_the_router(overlay: str) -> None:
     router = serve_config(objs).router
     container = pod_templates(one(objs, "RayCluster", "pdserve"))["head"]["spec"]["containers"][0]
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert (ports["grpc"], ports["http"], ports["pdserve-metrics"]) == (router.port, 8000, router.metrics_port)
+    expected = (router.port, router.http_port, router.metrics_port)
+    assert (ports["grpc"], ports["http"], ports["pdserve-metrics"]) == expected
     assert router.host == "0.0.0.0"
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert container[probe]["grpc"]["port"] == router.port, probe
     assert container["readinessProbe"]["grpc"]["service"] == HEALTH_SERVICE
     service = one(objs, "Service", "pdserve")
     assert {p["port"]: ports[p["targetPort"]] for p in service["spec"]["ports"]} == {
-        50051: router.port, 8000: 8000, 9400: router.metrics_port}
+        50051: router.port, 8000: router.http_port, 9400: router.metrics_port}
 
 
 def test_selectors_pick_the_pods_they_mean(overlay: str) -> None:
