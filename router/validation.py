@@ -14,6 +14,8 @@ from pdserve.router.errors import InvalidArgument, ModelNotFound
 from pdserve.router.request import Request
 
 CHAT_ROLES = ("system", "user", "assistant")
+MAX_TEMPERATURE = 2.0  # vLLM's own bound
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what a torch generator accepts
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,25 +43,38 @@ def check_request(request: Request, limits: Limits) -> None:
         raise InvalidArgument(
             f"sampling.max_tokens must be between 1 and {limits.max_tokens_limit}, got {s.max_tokens}"
         )
-    if not math.isfinite(s.temperature) or s.temperature < 0:
-        raise InvalidArgument(f"sampling.temperature must be >= 0 (0 means greedy), got {s.temperature}")
+    if not math.isfinite(s.temperature) or not 0 <= s.temperature <= MAX_TEMPERATURE:
+        raise InvalidArgument(
+            f"sampling.temperature must be between 0 and {MAX_TEMPERATURE:g} (0 means greedy), got {s.temperature}"
+        )
     if not math.isfinite(s.top_p) or not 0 < s.top_p <= 1:
         raise InvalidArgument(f"sampling.top_p must be in (0, 1], got {s.top_p}")
     if s.top_k < 0:
         raise InvalidArgument(f"sampling.top_k must be >= 0 (0 disables it), got {s.top_k}")
+    if s.seed is not None and not SEED_RANGE[0] <= s.seed <= SEED_RANGE[1]:
+        raise InvalidArgument(f"sampling.seed must be between {SEED_RANGE[0]} and {SEED_RANGE[1]}, got {s.seed}")
     _check_ids("sampling.stop_token_ids", s.stop_token_ids, limits.vocab_size)
+
+
+def _check_text(field: str, text: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidArgument(f"{field} is not valid UTF-8: a lone surrogate at character {e.start}") from None
 
 
 def _check_input(request: Request) -> None:
     if request.prompt is not None:
         if not request.prompt:
             raise InvalidArgument("prompt is empty: send at least one character")
+        _check_text("prompt", request.prompt)
     elif request.chat is not None:
         if not request.chat:
             raise InvalidArgument("chat.messages is empty: send at least one message")
         for i, m in enumerate(request.chat):
             if m.role not in CHAT_ROLES:
                 raise InvalidArgument(f"chat.messages[{i}].role must be one of {list(CHAT_ROLES)}, got {m.role!r}")
+            _check_text(f"chat.messages[{i}].content", m.content)
     elif request.prompt_token_ids is not None:
         if not request.prompt_token_ids:
             raise InvalidArgument("prompt_token_ids.ids is empty: send at least one token id")

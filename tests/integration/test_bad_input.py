@@ -30,7 +30,7 @@ CASES = [
     ("max_tokens above limit", "hi", {"max_tokens": MAX_TOKENS_LIMIT + 1}, InvalidArgument,
      f"sampling.max_tokens must be between 1 and {MAX_TOKENS_LIMIT}, got {MAX_TOKENS_LIMIT + 1}"),
     ("negative temperature", "hi", {"max_tokens": 4, "temperature": -0.5}, InvalidArgument,
-     "sampling.temperature must be >= 0 (0 means greedy), got -0.5"),
+     "sampling.temperature must be between 0 and 2 (0 means greedy), got -0.5"),
     ("top_p zero", "hi", {"max_tokens": 4, "top_p": 0.0}, InvalidArgument, "sampling.top_p must be in (0, 1], got 0.0"),
     ("top_p above one", "hi", {"max_tokens": 4, "top_p": 1.5}, InvalidArgument,
      "sampling.top_p must be in (0, 1], got 1.5"),

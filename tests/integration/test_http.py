@@ -118,7 +118,7 @@ BAD = [
     ("max_tokens zero", {"prompt": "hi", "max_tokens": 0}, 400,
      f"sampling.max_tokens must be between 1 and {MAX_TOKENS_LIMIT}, got 0", None),
     ("negative temperature", {"prompt": "hi", "temperature": -1}, 400,
-     "sampling.temperature must be >= 0 (0 means greedy), got -1.0", None),
+     "sampling.temperature must be between 0 and 2 (0 means greedy), got -1.0", None),
     ("unknown model", {"prompt": "hi", "model": "gpt-17"}, 404,
      "model 'gpt-17' is not served here; served models: ['tiny-llama']", None),
     ("several choices", {"prompt": "hi", "n": 2}, 400, "n is not supported by this server; leave it out", "n"),
