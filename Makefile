@@ -4,7 +4,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint proto bench-overhead clean
+.PHONY: demo test test-fast lint proto bench-overhead clean prometheus
+
+# The Prometheus tests run the real server and promtool (Debian's package). The tests start their own server, so
+# the system service the package installs is disabled where systemd runs.
+SUDO := $(if $(filter 0,$(shell id -u)),,$(shell command -v sudo))
 
 # Pure modules (no I/O): type-checked strictly by mypy as part of the tests.
 PURE := router/policy.py router/validation.py router/timings.py router/instance.py router/request.py \
@@ -25,10 +29,16 @@ $(STAMP): pyproject.toml client/pyproject.toml
 demo: $(STAMP)
 	$(BIN)/pdserve demo
 
-test: $(STAMP)
+test: $(STAMP) prometheus
 	$(BIN)/ruff check .
 	$(BIN)/mypy $(PURE)
 	$(BIN)/python -m pytest -ra
+
+prometheus:
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null || { \
+		$(SUDO) apt-get update -q && \
+		$(SUDO) apt-get install -y -q --no-install-recommends prometheus && \
+		{ ! [ -d /run/systemd/system ] || $(SUDO) systemctl disable --now prometheus; }; }
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -ra tests/unit
