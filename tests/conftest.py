@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import threading
-from collections.abc import Coroutine, Iterator
+import time
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -96,3 +98,21 @@ def deployment(tiny_model: Path) -> Iterator[Any]:
     dep = start_deployment(tiny_model, {"mode": "colocated", "instances": 2})
     yield dep
     stop_deployment(dep)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def poll(condition: Callable[[], Any], what: str, timeout: float = 60.0, period: float = 0.2) -> Any:
+    """Calls `condition` until it returns something truthy (which is returned) or `timeout` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(period)  # the polling period, not a synchronization: the loop exits on the condition

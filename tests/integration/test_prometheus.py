@@ -12,19 +12,19 @@ from __future__ import annotations
 import json
 import shutil
 import signal
-import socket
 import subprocess
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 from pdserve_client import Client
+
+from tests.conftest import free_port, poll
 
 pytestmark = pytest.mark.integration
 
@@ -37,24 +37,6 @@ def tool(name: str) -> str:
     if path is None:
         pytest.fail(f"`{name}` is not installed: `make test` installs it (apt-get install prometheus)")
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def poll(condition: Callable[[], Any], what: str, timeout: float = 60.0) -> Any:
-    """Calls `condition` until it returns something truthy (which is returned) or `timeout` seconds pass."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.2)  # the polling period, not a synchronization: the loop exits on the condition
 
 
 class Prometheus:

@@ -18,14 +18,12 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,30 +33,12 @@ import pytest
 import yaml
 from pdserve_client import Client
 
-from tests.conftest import TINY_ENGINE
+from tests.conftest import TINY_ENGINE, free_port, poll
 
 pytestmark = pytest.mark.integration
 
 DEPLOY_RAY = Path(__file__).resolve().parents[2] / "deploy" / "ray"
 ENTRYPOINT = "pdserve serve --config config.yaml"  # as deploy/ray/README.md submits it
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def poll(condition: Callable[[], Any], what: str, timeout: float) -> Any:
-    """Calls `condition` until it returns something truthy (which is returned) or `timeout` seconds pass."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.5)  # the polling period, not a synchronization: the loop exits on the condition
 
 
 @dataclass
@@ -127,7 +107,7 @@ def ray_head() -> Iterator[RayHead]:
     process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     head = RayHead(process, temp_dir, f"http://127.0.0.1:{dashboard_port}", token)
     try:
-        poll(lambda: dashboard_answers(head), "the Ray dashboard to answer", timeout=180)
+        poll(lambda: dashboard_answers(head), "the Ray dashboard to answer", timeout=180, period=0.5)
         yield head
     finally:
         # Only this cluster's processes: `ray stop` would stop every Ray on the machine. On SIGTERM the blocking
