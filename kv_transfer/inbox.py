@@ -150,6 +150,12 @@ class Inbox:
             self._stashed -= len(entry.stash)
             entry.stash = None
 
+    def holds(self, key: bytes) -> bool:
+        """Whether `key`'s message has landed whole and waits, unposted, in the stash."""
+        with self._lock:
+            entry = self._entries.get(key)
+            return entry is not None and entry.state is _State.LANDED and entry.posted is None
+
     @property
     def stashed_bytes(self) -> int:
         return self._stashed

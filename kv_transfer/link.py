@@ -101,6 +101,10 @@ class Link:
     def wait(self, key: bytes, timeout: float) -> int:
         return self._inbox.wait(check_key(key), timeout)
 
+    def holds(self, key: bytes) -> bool:
+        """Whether `key`'s message has landed and waits to be claimed."""
+        return self._inbox.holds(check_key(key))
+
     @property
     def stashed_bytes(self) -> int:
         """Bytes held for keys nobody has posted yet (the receive buffer in use)."""

@@ -130,10 +130,10 @@ class Receiver:
         keys = [layer_key(spec.transfer_id, i) for i in range(len(layers))]
         nbytes, error = 0, ""
         try:
-            link = self._link_for(spec.peer_instance, spec.deadline)
-            for key, views in zip(keys, layers, strict=True):
-                link.expect(key, views)
+            link = self._link_for(spec.peer_instance, spec.deadline, keys[0])
             try:
+                for key, views in zip(keys, layers, strict=True):
+                    link.expect(key, views)
                 for key in keys:
                     nbytes += link.wait(key, max(spec.deadline - time.time(), 0.0))
             except TransportError:
@@ -148,11 +148,13 @@ class Receiver:
                 self._pending -= 1
             self._done.put(Landed(req_id, spec.transfer_id, not error, nbytes, posted, time.time(), error))
 
-    def _link_for(self, instance_id: str, deadline: float) -> Link:
+    def _link_for(self, instance_id: str, deadline: float, first_key: bytes) -> Link:
+        """The peer's link: an up one, or a closed one that already holds this transfer's first layer (the peer
+        may send everything it had and hang up before this load begins; the waits then report what it left)."""
         with self._changed:
             while True:
                 link = self._links.get(instance_id)
-                if link is not None and link.is_up:
+                if link is not None and (link.is_up or link.holds(first_key)):
                     return link
                 left = deadline - time.time()
                 if left <= 0 or self._stop.is_set():

@@ -131,9 +131,14 @@ class RingPayload:
                 raise FrameError(f"bad CHUNK: slot {header.arg} of {self._rx.slots}, {n} bytes with {left} to come")
             with landing.lock:
                 landing.write(self._rx.slot(header.arg, n))
-            with io.write_lock:
-                io.write([encode_header(Header(Kind.FREE, 0, header.arg))], time.monotonic() + io.stall_s)
             left -= n
+            try:
+                with io.write_lock:
+                    io.write([encode_header(Header(Kind.FREE, 0, header.arg))], time.monotonic() + io.stall_s)
+            except PeerGone:
+                # The peer sent its chunks and hung up: they are in the ring still, and this message may be whole.
+                # If more chunks were due, the next read finds the socket closed.
+                continue
 
     def on_frame(self, header: Header) -> None:
         if header.kind is not Kind.FREE:
