@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint proto bench-overhead clean prometheus
+.PHONY: demo test test-fast lint proto bench-overhead fuzz chaos clean prometheus
 
 # The Prometheus tests run the real server and promtool (Debian's package). The tests start their own server, so
 # the system service the package installs is disabled where systemd runs.
@@ -52,6 +52,14 @@ proto: $(STAMP)
 
 bench-overhead: $(STAMP)
 	$(BIN)/pdserve bench overhead
+
+# The long fuzz run: 2,000 examples in each of the 5 fuzz tests, 10,000 cases (`make test` runs 150 each).
+fuzz: $(STAMP)
+	PDSERVE_FUZZ_EXAMPLES=2000 $(BIN)/python -m pytest -ra tests/integration/test_fuzz.py
+
+# 1,000 requests on 1P2D of a tiny model, a quarter cancelled, a worker killed each minute, transfers faulted.
+chaos: $(STAMP)
+	$(BIN)/pdserve chaos
 
 clean:
 	rm -rf $(VENV)

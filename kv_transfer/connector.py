@@ -58,6 +58,7 @@ class Settings:
     max_stash_bytes: int = 1 << 30
     connect_timeout_s: float = 5.0
     stall_timeout_s: float = 10.0
+    fault_every: int = 0  # testing only: every n-th outgoing transfer fails on purpose (`Sender`); 0: never
 
     def __post_init__(self) -> None:
         if self.transport not in ("shm", "tcp"):
@@ -134,7 +135,7 @@ class KVWorker:
     def __init__(self, s: Settings, producer: bool, consumer: bool, num_blocks: int) -> None:
         config = transport_config(s)
         self._num_blocks = num_blocks
-        self.sender = Sender(dialer(config), s.connect_timeout_s) if producer else None
+        self.sender = Sender(dialer(config), s.connect_timeout_s, s.fault_every) if producer else None
         self.receiver = listen(s, config) if consumer else None
         self._layers: list[torch.Tensor] = []  # per layer: [num_blocks, block bytes] as uint8
         self._index: dict[str, int] = {}

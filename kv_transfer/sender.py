@@ -8,10 +8,16 @@ reported the request (`Outgoing.done`), successful or not.
 Links are dialed on first use, one per decode address, and dropped when they break; the next request dials
 again. A send that fails (peer gone, stalled past the request's deadline) fails only its request: the rest of
 that request's layers are skipped, and the decode side, which never sees them land, recomputes.
+
+Fault injection (`fault_every`, 0 by default: off; `pdserve chaos` turns it on): every n-th transfer fails on
+purpose, alternately as a dropped connection (its first layer is sent, then the link is closed under it) and
+as a stalled peer (nothing is sent; the decode side waits out the transfer's deadline).
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import queue
 import threading
 import time
@@ -21,6 +27,7 @@ from dataclasses import dataclass
 from pdserve.kv_transfer.params import SendSpec, layer_key
 from pdserve.kv_transfer.transport import PeerGone, Transport, TransportError, TransportTimeout
 
+DROP, STALL = "drop", "stall"  # the injected faults
 Dial = Callable[[str, float], Transport]  # (address, timeout) -> an authenticated link
 
 
@@ -50,8 +57,10 @@ class Outgoing:
 
 
 class Sender:
-    def __init__(self, dial: Dial, connect_timeout_s: float) -> None:
+    def __init__(self, dial: Dial, connect_timeout_s: float, fault_every: int = 0) -> None:
         self._dial = dial
+        self._fault_every = fault_every
+        self._transfers = 0  # transfers begun, for fault injection
         self._connect_timeout = connect_timeout_s
         self._links: dict[str, Transport] = {}
         self._work: queue.SimpleQueue[tuple[Outgoing, int, Sequence[memoryview]] | None] = queue.SimpleQueue()
@@ -79,6 +88,10 @@ class Sender:
         self._links.clear()
 
     def _run(self) -> None:
+        # vLLM binds the engine's threads to its cores, and this thread would inherit that: it would then send
+        # only when the forward pass it overlaps leaves the core. Any core of the host may run it instead.
+        with contextlib.suppress(OSError):  # a container may forbid some cores: then the inherited set stays
+            os.sched_setaffinity(0, range(os.cpu_count() or 1))  # 0: this thread
         while (item := self._work.get()) is not None:
             out, layer, views = item
             if not out.error:
@@ -89,6 +102,10 @@ class Sender:
                 self._done.put(out)
 
     def _send(self, out: Outgoing, layer: int, views: Sequence[memoryview]) -> None:
+        fault = self._fault(out)
+        if fault == STALL:
+            out.error = "injected fault: stalled peer"
+            return
         start = time.time()
         try:
             timeout = out.spec.deadline - start
@@ -108,6 +125,18 @@ class Sender:
         out.busy += out.last_send - start
         out.sent_layers += 1
         out.bytes += sum(len(v) for v in views)
+        if fault == DROP:
+            self._drop(out.spec.peer)
+            out.error = "injected fault: dropped connection"
+
+    def _fault(self, out: Outgoing) -> str:
+        """The fault to inject into this send, if any: decided once per transfer, at its first layer."""
+        if not self._fault_every or out.handled:
+            return ""
+        self._transfers += 1
+        if self._transfers % self._fault_every:
+            return ""
+        return DROP if (self._transfers // self._fault_every) % 2 else STALL
 
     def _link(self, address: str, timeout: float) -> Transport:
         link = self._links.get(address)

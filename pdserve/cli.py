@@ -1,4 +1,4 @@
-"""The `pdserve` command: serve, generate, demo, model prepare, bench."""
+"""The `pdserve` command: serve, generate, demo, model prepare, bench, chaos."""
 
 from __future__ import annotations
 
@@ -96,6 +96,18 @@ def _bench_serve(args: argparse.Namespace) -> int:
     return main(args)
 
 
+def _bench_overload(args: argparse.Namespace) -> int:
+    from pdserve.bench.overload import main
+
+    return main(args)
+
+
+def _chaos(args: argparse.Namespace) -> int:
+    from pdserve.chaos_command import main
+
+    return main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pdserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -144,9 +156,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--raw-repeats", type=int, default=15)
     b.add_argument("--out", default="bench-results/transfer.json")
     b.set_defaults(func=_bench_transfer)
+    from pdserve.bench.overload import add_parser as add_overload
     from pdserve.bench.serve import add_parser
+    from pdserve.chaos_command import add_parser as add_chaos
 
     add_parser(bsub, _bench_serve)
+    add_overload(bsub, _bench_overload)
+    add_chaos(sub, _chaos)
     return parser
 
 

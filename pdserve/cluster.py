@@ -25,6 +25,7 @@ from pdserve.engine import KVRole
 from pdserve.kv_transfer.transport import SECRET_ENV
 from pdserve.models import resolve_model
 from pdserve.prefill.worker import PrefillWorker
+from pdserve.router.admission import Gate
 from pdserve.router.metrics import RouterMetrics, serve_metrics
 from pdserve.router.policy import make_policy
 from pdserve.router.receive_budget import ReceiveBudget
@@ -78,6 +79,7 @@ def kv_role(role: str, instance_id: str, transfer: TransferConfig) -> KVRole:
         "host": transfer.tcp_host,
         "lease_s": transfer.lease_s,
         "max_stash_bytes": transfer.receive_buffer_mib << 20,
+        "fault_every": transfer.fault_every,
     })
 
 
@@ -130,6 +132,16 @@ class Deployment:
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
 
+    async def drain(self, instance_id: str, timeout: float = 600.0, remove: bool = False) -> None:
+        """Places no new request on the instance and returns once the requests it runs have ended; with `remove`,
+        then takes it out of the deployment and stops its worker."""
+        await self.router.drain(instance_id, timeout)
+        if remove:
+            instance = self.router.registry.remove(instance_id)
+            await instance.channel.close()
+            await asyncio.gather(instance.handle.shutdown.remote(), return_exceptions=True)
+            ray.kill(instance.handle, no_restart=True)
+
     async def stop(self, grace: float = 5.0) -> None:
         await asyncio.gather(self.server.stop(grace), self.http_server.stop(grace))
         await self.supervisor.stop()
@@ -144,7 +156,9 @@ class Deployment:
 async def deploy(config: ServeConfig) -> Deployment:
     from pdserve.router.grpc_server import start_grpc
     from pdserve.router.http_server import start_http
+    from pdserve.router.security import load_security
 
+    security = load_security(config.router.tls, config.router.auth)  # before anything starts: fail fast
     model_dir = str(resolve_model(config.engine.model))
     init_ray(config.ray)
     secret = cluster_secret()
@@ -163,10 +177,12 @@ async def deploy(config: ServeConfig) -> Deployment:
         budget = ReceiveBudget(t.receive_buffer_mib << 20)
         handoff = Handoff(t.deadline_s, t.min_prompt_tokens, budget, make_policy(config.router.policy), t.layerwise)
     registry = Registry(instances)
-    router = Router(registry, make_policy(config.router.policy), tokenizer, limits, metrics, handoff)
+    r = config.router
+    router = Router(registry, make_policy(r.policy), tokenizer, limits, metrics, handoff,
+                    Gate(r.max_outstanding, r.admission_queue, r.retry_after_s))
     supervisor = supervise(registry, secret)
-    server, port = await start_grpc(router, config.router.host, config.router.port)
-    http_server, http_port = await start_http(router, config.router.host, config.router.http_port)
+    server, port = await start_grpc(router, config.router.host, config.router.port, security)
+    http_server, http_port = await start_http(router, config.router.host, config.router.http_port, security)
     metrics_server, metrics_port = serve_metrics(metrics, config.router.host, config.router.metrics_port)
     return Deployment(router, supervisor, server, port, metrics_server, metrics_port, http_server, http_port)
 

@@ -88,6 +88,8 @@ class TransferConfig:
     `receive_buffer_mib`: per link, KV that arrived before its decode request; the router holds prefills that
     would overflow a decode instance's buffer. `lease_s`: unclaimed received KV is freed after this long.
     `min_prompt_tokens`: shorter prompts skip the transfer and prefill on the decode instance (0: never).
+    `fault_every`: for chaos testing only: every n-th transfer of a prefill instance fails on purpose (a dropped
+    connection or a stalled peer, alternately); 0 (the default) never.
     """
 
     transport: Literal["shm", "tcp"] = "tcp"
@@ -97,8 +99,11 @@ class TransferConfig:
     receive_buffer_mib: int = 512
     lease_s: float = 30.0
     min_prompt_tokens: int = 0
+    fault_every: int = 0
 
     def __post_init__(self) -> None:
+        if self.fault_every < 0:
+            raise ValueError(f"transfer.fault_every must be >= 0 (0: off), got {self.fault_every}")
         if self.transport not in ("shm", "tcp"):
             raise ValueError(f"transfer.transport must be 'shm' or 'tcp', got {self.transport!r}")
         for name in ("deadline_s", "lease_s"):
@@ -108,6 +113,47 @@ class TransferConfig:
             raise ValueError(f"transfer.receive_buffer_mib must be >= 1, got {self.receive_buffer_mib}")
         if self.min_prompt_tokens < 0:
             raise ValueError(f"transfer.min_prompt_tokens must be >= 0, got {self.min_prompt_tokens}")
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """TLS on the router's gRPC and HTTP frontends, from PEM files. `cert_file` and `key_file` (the server's
+    certificate chain and private key) turn it on; `client_ca_file` makes it mutual: every client must present a
+    certificate that this CA signed. Only paths live in the config, never key material."""
+
+    cert_file: str | None = None
+    key_file: str | None = None
+    client_ca_file: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("router.tls.cert_file and router.tls.key_file must be set together")
+        if self.client_ca_file is not None and self.cert_file is None:
+            raise ValueError("router.tls.client_ca_file (mutual TLS) needs router.tls.cert_file and key_file")
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert_file is not None
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    """Bearer-token authentication on both frontends. The token is read at start from the environment variable
+    named by `token_env` or from the file `token_file`, never from the config itself; neither set: no
+    authentication."""
+
+    token_env: str | None = None
+    token_file: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.token_env is not None and self.token_file is not None:
+            raise ValueError("router.auth: set token_env or token_file, not both")
+        if self.token_env == "":
+            raise ValueError("router.auth.token_env must name an environment variable")
+
+    @property
+    def enabled(self) -> bool:
+        return self.token_env is not None or self.token_file is not None
 
 
 @dataclass(frozen=True)
@@ -122,11 +168,23 @@ class RouterConfig:
     policy: str = "least_outstanding"
     max_tokens_limit: int = 1024
     default_max_tokens: int = 128
+    # Admission: at most `max_outstanding` requests run at once (0: no limit), `admission_queue` more wait for a
+    # slot; one more is refused (RESOURCE_EXHAUSTED / 429) with a retry hint of about `retry_after_s`.
+    max_outstanding: int = 0
+    admission_queue: int = 1024
+    retry_after_s: float = 1.0
+    tls: TlsConfig = field(default_factory=TlsConfig)  # off unless cert_file and key_file are set
+    auth: AuthConfig = field(default_factory=AuthConfig)  # off unless token_env or token_file is set
 
     def __post_init__(self) -> None:
         for name in ("port", "http_port", "metrics_port"):
             if not 0 <= getattr(self, name) <= 65535:
                 raise ValueError(f"router.{name} must be in [0, 65535], got {getattr(self, name)}")
+        for name in ("max_outstanding", "admission_queue"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"router.{name} must be >= 0, got {getattr(self, name)}")
+        if not self.retry_after_s > 0:
+            raise ValueError(f"router.retry_after_s must be > 0 seconds, got {self.retry_after_s}")
         if self.max_tokens_limit < 1:
             raise ValueError(f"router.max_tokens_limit must be >= 1, got {self.max_tokens_limit}")
         from pdserve.router.policy import POLICIES
@@ -155,7 +213,8 @@ class ServeConfig:
 
 
 _STRICT = ConfigDict(extra="forbid")
-for _section in (RayConfig, EngineConfig, WorkersConfig, TransferConfig, RouterConfig, ServeConfig):
+_SECTIONS = (RayConfig, EngineConfig, WorkersConfig, TransferConfig, TlsConfig, AuthConfig, RouterConfig, ServeConfig)
+for _section in _SECTIONS:
     _section.__pydantic_config__ = _STRICT  # type: ignore[attr-defined,union-attr]
 _ADAPTER = TypeAdapter(ServeConfig)
 

@@ -1,8 +1,18 @@
 """Admission: hold requests no instance can take now in a bounded FIFO queue. Pure, no clock of its own.
 
-Contract: `offer` holds an item or raises `Overloaded` (RESOURCE_EXHAUSTED) once `capacity` items wait;
+`BoundedQueue`: `offer` holds an item or raises `Overloaded` (RESOURCE_EXHAUSTED) once `capacity` items wait;
 `drain(try_place)` places held items in arrival order and stops at the first one that still does not fit
 (`try_place` returns False), so a large request at the head is not starved by smaller ones behind it.
+
+`Gate`: the router's admission. At most `slots` requests run at once (0: no limit); the next `queue` wait in
+arrival order; one more is refused with `Overloaded`, whose retry hint grows with the queue:
+`retry_after_s * (1 + waiting / slots)`. The state machine of one request:
+
+    enter -> running                     (a slot was free)
+    enter -> waiting -> running          (`leave` of another request handed it the slot)
+    enter -> waiting -> withdrawn        (its client went away or its deadline passed first)
+    enter -> refused (Overloaded)        (the queue was full)
+    running -> `leave` (exactly once, on every exit path)
 """
 
 from __future__ import annotations
@@ -42,3 +52,58 @@ class BoundedQueue(Generic[T]):
         while self._items and try_place(self._items[0]):
             placed.append(self._items.popleft())
         return placed
+
+    def pop(self) -> T | None:
+        """The oldest item, taken out of the queue; None when empty."""
+        return self._items.popleft() if self._items else None
+
+    def remove(self, item: T) -> bool:
+        """Takes `item` out wherever it waits; False when it is not (or no longer) there."""
+        try:
+            self._items.remove(item)
+        except ValueError:
+            return False
+        return True
+
+
+class Gate(Generic[T]):
+    """Bounds the requests running at once and those waiting for a slot (see the module's state machine)."""
+
+    def __init__(self, slots: int, queue: int, retry_after_s: float = 1.0) -> None:
+        if slots < 0:
+            raise ValueError(f"admission slots must be >= 0 (0: no limit), got {slots}")
+        if not retry_after_s > 0:
+            raise ValueError(f"admission retry_after_s must be > 0, got {retry_after_s}")
+        self.slots = slots
+        self.retry_after_s = retry_after_s
+        self.running = 0
+        self._waiting: BoundedQueue[T] = BoundedQueue(queue, retry_after_s)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def hint(self) -> float:
+        """Seconds after which a refused request may find room: longer the more requests already wait."""
+        return self.retry_after_s * (1 + self.waiting / max(1, self.slots))
+
+    def enter(self, waiter: T) -> bool:
+        """True: the request runs now. False: `waiter` waits; a later `leave` returns it. Overloaded: refused."""
+        if self.slots == 0 or (self.running < self.slots and not self.waiting):
+            self.running += 1
+            return True
+        self._waiting.offer(waiter, self.hint())
+        return False
+
+    def withdraw(self, waiter: T) -> bool:
+        """A waiting request gives up; False when `leave` already handed it a slot (it must `leave` in turn)."""
+        return self._waiting.remove(waiter)
+
+    def leave(self) -> T | None:
+        """A running request ended; returns the waiter its slot passes to (which now counts as running)."""
+        if self.running < 1:
+            raise RuntimeError("admission: leave() without a matching enter()")
+        successor = self._waiting.pop()
+        if successor is None:
+            self.running -= 1
+        return successor

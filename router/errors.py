@@ -1,12 +1,16 @@
 """Typed errors of the serving path.
 
 Each error names the gRPC status it maps to; the gRPC edge translates it once. Messages are written for the
-user: they name the field and what would be accepted.
+user: they name the field and what would be accepted. `Overloaded` carries a retry hint, which travels as the
+trailing metadata `pdserve-retry-after-ms` (gRPC) or the `Retry-After` header (HTTP).
 """
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar
+
+RETRY_AFTER_METADATA = "pdserve-retry-after-ms"  # gRPC trailing metadata of a RESOURCE_EXHAUSTED reply
 
 
 class ServeError(Exception):
@@ -51,3 +55,18 @@ class Overloaded(ServeError):
     def __init__(self, message: str, retry_after_s: float) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+def retry_after_ms(e: Overloaded) -> str:
+    """The gRPC retry hint: whole milliseconds, rounded up, as the trailing metadata's string value."""
+    return str(max(0, math.ceil(e.retry_after_s * 1000)))
+
+
+def retry_after_header(e: Overloaded) -> str:
+    """HTTP's Retry-After: whole seconds, rounded up (the header takes no fraction)."""
+    return str(max(0, math.ceil(e.retry_after_s)))
+
+
+def trailing_metadata(e: ServeError) -> tuple[tuple[str, str], ...]:
+    """What a gRPC reply carries beside the status: the retry hint of an `Overloaded`, else nothing."""
+    return ((RETRY_AFTER_METADATA, retry_after_ms(e)),) if isinstance(e, Overloaded) else ()

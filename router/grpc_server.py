@@ -3,7 +3,10 @@
 Errors of the serving path (`ServeError`) become their gRPC status here, once. A request that protobuf
 cannot parse (a string field with invalid UTF-8, say) gets INVALID_ARGUMENT rather than gRPC's generic
 INTERNAL: the handlers are registered with a deserializer that reports the failure to the handler.
-Standard health checking and reflection are served beside the API.
+A client's `request_id` names its stream; a request resent under the key of a stream still running takes
+the key over and the older stream ends with ABORTED. Standard health checking and reflection are served beside
+the API. With `Security`, the server speaks TLS (mutual with a client CA) and refuses calls without the bearer
+token, health checking excepted (`security.py`).
 """
 
 from __future__ import annotations
@@ -21,10 +24,12 @@ from grpc_reflection.v1alpha import reflection
 from pdserve_client.v1 import pdserve_pb2 as pb
 
 from pdserve import __version__
-from pdserve.router.errors import InvalidArgument, ServeError
-from pdserve.router.frontend import deadline_after, open_stream
+from pdserve.router.errors import InvalidArgument, ServeError, trailing_metadata
+from pdserve.router.frontend import LiveStreams, deadline_after, open_stream
 from pdserve.router.request import ChatMessage, Request, SamplingSpec
+from pdserve.router.security import Security, interceptors, server_credentials
 from pdserve.router.service import COLOCATED, DECODE, PREFILL, Delta, Router, new_request_id
+from pdserve.router.validation import check_client_request_id
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +75,7 @@ def request_from_proto(msg: pb.GenerateRequest, request_id: str, deadline: float
         prompt_token_ids=tuple(msg.prompt_token_ids.ids) if which == "prompt_token_ids" else None,
         arrival=time.monotonic(),
         deadline=deadline,
+        resume_token_ids=tuple(msg.resume_token_ids),
     )
 
 
@@ -92,6 +98,7 @@ class GenerationService:
     def __init__(self, router: Router, info: pb.ServerInfo) -> None:
         self._router = router
         self._info = info
+        self._live = LiveStreams()
 
     async def generate(self, msg: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
         try:
@@ -100,12 +107,24 @@ class GenerationService:
                     f"the request is not a valid pdserve.v1.GenerateRequest ({msg.reason}); "
                     "string fields must hold valid UTF-8"
                 )
+            check_client_request_id(msg.request_id)
+            # The engines know the request by a fresh id; the client's key (the same on a resend) names its stream.
             request = request_from_proto(msg, new_request_id(), deadline_after(context.time_remaining()))
-            async with open_stream(self._router, request) as deltas:
-                async for delta in deltas:
-                    yield delta_to_proto(request.request_id, delta)
+            key = msg.request_id or request.request_id
+            superseded = False
+            with self._live.claim(key) as claim:
+                async with open_stream(self._router, request) as deltas:
+                    async for delta in deltas:
+                        if claim.superseded:  # leaving the stream stops this request in the engines
+                            superseded = True
+                            break
+                        yield delta_to_proto(key, delta)
+            if superseded:
+                await context.abort(
+                    grpc.StatusCode.ABORTED, f"a newer request with request_id {key!r} took over this stream"
+                )
         except ServeError as e:
-            await context.abort(grpc.StatusCode[e.status], e.message)
+            await context.abort(grpc.StatusCode[e.status], e.message, trailing_metadata(e))
 
     async def get_server_info(self, msg: Any, context: grpc.aio.ServicerContext) -> pb.ServerInfo:
         return self._info
@@ -143,15 +162,20 @@ def server_info(router: Router) -> pb.ServerInfo:
     )
 
 
-async def start_grpc(router: Router, host: str, port: int) -> tuple[grpc.aio.Server, int]:
+async def start_grpc(
+    router: Router, host: str, port: int, security: Security | None = None
+) -> tuple[grpc.aio.Server, int]:
     """Starts the frontend; returns the server and the port it bound (port 0 picks a free one)."""
-    server = grpc.aio.server()
+    security = security or Security()
+    server = grpc.aio.server(interceptors=interceptors(security))
     server.add_generic_rpc_handlers((GenerationService(router, server_info(router)).handler(),))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
     reflection.enable_server_reflection(names, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    credentials = server_credentials(security.tls)
+    address = f"{host}:{port}"
+    bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     if bound == 0:
         raise OSError(f"cannot listen on {host}:{port}")
     await server.start()

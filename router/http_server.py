@@ -14,6 +14,10 @@ not FastAPI's 422) and unknown paths. A stream answers only once its first token
 Deadline: the optional header `X-Request-Timeout` (seconds) is the request's deadline, as gRPC's timeout is.
 Cancellation: a client that disconnects, mid-stream or while it waits for a whole response, stops its request
 in the engines at once.
+Security (`security.py`): with a token, every path but `/health` needs `Authorization: Bearer <token>`; without
+it the answer is 401 with OpenAI's error body (code `invalid_api_key`) and `WWW-Authenticate: Bearer`. With TLS,
+uvicorn serves HTTPS from the same files as the gRPC frontend, requiring a client certificate when a client CA is
+configured.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import json
 import logging
 import math
 import socket
+import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Iterator
 from typing import Any, TypeVar
@@ -34,12 +39,15 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from pdserve import __version__
-from pdserve.router.errors import Overloaded, ServeError
+from pdserve.config import TlsConfig
+from pdserve.router.errors import Overloaded, ServeError, retry_after_header
 from pdserve.router.frontend import deadline_after, open_stream
 from pdserve.router.openai_wire import BadField, ChatBody, CompletionBody, Reply, chat_request, completion_request
 from pdserve.router.request import Request
+from pdserve.router.security import AUTHORIZATION, SCHEME, Security, check_bearer
 from pdserve.router.service import Delta, Router, new_request_id
 
 log = logging.getLogger(__name__)
@@ -75,7 +83,7 @@ def translate_error(e: ServeError) -> tuple[int, dict[str, Any]]:
 
 def error_response(e: ServeError) -> JSONResponse:
     status, body = translate_error(e)
-    headers = {"Retry-After": str(max(0, math.ceil(e.retry_after_s)))} if isinstance(e, Overloaded) else None
+    headers = {"Retry-After": retry_after_header(e)} if isinstance(e, Overloaded) else None
     return JSONResponse(body, status, headers)
 
 
@@ -219,8 +227,29 @@ async def _unexpected(http: fastapi.Request, exc: Exception) -> JSONResponse:
     return JSONResponse(error_body("internal server error", "server_error", "internal"), 500)
 
 
-def build_app(router: Router) -> fastapi.FastAPI:
+class _RequireToken:
+    """ASGI middleware: every HTTP request but `/health` (probes) must carry the bearer token; others get 401."""
+
+    def __init__(self, app: ASGIApp, token: str) -> None:
+        self._app = app
+        self._token = token
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] != "/health":
+            raw = dict(scope["headers"]).get(AUTHORIZATION.encode())
+            refusal = check_bearer(raw.decode("latin-1") if raw is not None else None, self._token)
+            if refusal is not None:
+                body = error_body(refusal, "invalid_request_error", "invalid_api_key")
+                headers = {"WWW-Authenticate": f'{SCHEME} realm="pdserve"'}
+                await JSONResponse(body, 401, headers)(scope, receive, send)
+                return
+        await self._app(scope, receive, send)
+
+
+def build_app(router: Router, token: str | None = None) -> fastapi.FastAPI:
     app = fastapi.FastAPI(title="pdserve", version=__version__, docs_url=None, redoc_url=None)
+    if token is not None:
+        app.add_middleware(_RequireToken, token=token)
     api = _Api(router)
     app.add_api_route("/v1/completions", api.completions, methods=["POST"])
     app.add_api_route("/v1/chat/completions", api.chat_completions, methods=["POST"])
@@ -256,11 +285,26 @@ class HttpServer:
         await self._task
 
 
-async def start_http(router: Router, host: str, port: int) -> tuple[HttpServer, int]:
+def _tls_options(tls: TlsConfig) -> dict[str, Any]:
+    """uvicorn's TLS settings: HTTPS from the server's files; with a client CA, client certificates required."""
+    if not tls.enabled:
+        return {}
+    options: dict[str, Any] = {"ssl_certfile": tls.cert_file, "ssl_keyfile": tls.key_file}
+    if tls.client_ca_file is not None:
+        options.update(ssl_ca_certs=tls.client_ca_file, ssl_cert_reqs=ssl.CERT_REQUIRED)
+    return options
+
+
+async def start_http(
+    router: Router, host: str, port: int, security: Security | None = None
+) -> tuple[HttpServer, int]:
     """Starts the frontend on the running loop; returns the server and the port it bound (0 picks a free one)."""
+    security = security or Security()
     # Bound and listening before uvicorn starts, so the port is known and early clients wait in the backlog.
     sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
-    config = uvicorn.Config(build_app(router), lifespan="off", log_config=None, access_log=False, ws="none")
+    app = build_app(router, security.token)
+    config = uvicorn.Config(app, lifespan="off", log_config=None, access_log=False, ws="none",
+                            **_tls_options(security.tls))
     server = _Server(config)
     task = asyncio.create_task(server.serve(sockets=[sock]), name="pdserve-http")
     task.add_done_callback(_report_exit)

@@ -1,7 +1,8 @@
 """The `Instance` noun as policies see it: `InstanceSnapshot`, one worker's load at a moment. Plain data.
 
-Fields past `healthy` describe load for length-aware policies; their defaults mean "not reported", so a
-snapshot built with only the first four fields still works with every policy. `kv_capacity_tokens == 0`
+Fields past `healthy` describe load for length-aware policies (all but the last, `draining`: an operator took the
+instance out of placement); their defaults mean "not reported", so a snapshot built with only the first four
+fields still works with every policy. `kv_capacity_tokens == 0`
 means the capacity is unknown (no instance is filtered out for lack of KV memory).
 """
 
@@ -30,6 +31,7 @@ class InstanceSnapshot:
     running: tuple[RequestLoad, ...] = ()  # placed and unfinished, whether running, waiting or still in prefill
     queued_prefill_tokens: int = 0  # prompt tokens queued or in progress that still have to be computed
     cached_prefixes: frozenset[int] = frozenset()  # prefix hashes (see `Placement`) held in its prefix cache
+    draining: bool = False  # taken out of placement by an operator: it finishes what it runs, takes nothing new
 
     @property
     def kv_tokens(self) -> int:

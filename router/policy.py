@@ -24,10 +24,11 @@ class Policy(Protocol):
 
 
 def eligible(snapshots: Sequence[InstanceSnapshot]) -> list[InstanceSnapshot]:
-    """The filter step every policy shares: healthy instances only."""
-    chosen = [s for s in snapshots if s.healthy]
+    """The filter step every policy shares: healthy instances that are not draining."""
+    chosen = [s for s in snapshots if s.healthy and not s.draining]
     if not chosen:
-        raise NoInstance(f"no healthy instance among {len(snapshots)}; retry when the cluster has recovered")
+        draining = " that is not draining" if any(s.draining for s in snapshots) else ""
+        raise NoInstance(f"no healthy instance among {len(snapshots)}{draining}; retry when the cluster has recovered")
     return chosen
 
 

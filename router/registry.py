@@ -21,9 +21,10 @@ class Instance:
     channel: Any  # the worker's request channel (`pdserve.channel.WorkerChannel`): prompts in, tokens out
     outstanding: int = 0
     healthy: bool = True
+    draining: bool = False  # out of placement; it finishes the requests it has
 
     def snapshot(self) -> InstanceSnapshot:
-        return InstanceSnapshot(self.instance_id, self.role, self.outstanding, self.healthy)
+        return InstanceSnapshot(self.instance_id, self.role, self.outstanding, self.healthy, draining=self.draining)
 
 
 class Registry:
@@ -40,6 +41,12 @@ class Registry:
 
     def all(self) -> list[Instance]:
         return list(self._by_id.values())
+
+    def remove(self, instance_id: str) -> Instance:
+        """Takes the instance out of the registry (the router and the supervisor forget it)."""
+        if len(self._by_id) == 1:
+            raise ValueError(f"{instance_id} is the last instance; a registry needs at least one")
+        return self._by_id.pop(instance_id)
 
     def count(self, role: str) -> int:
         return sum(1 for i in self._by_id.values() if i.role == role)

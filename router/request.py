@@ -36,3 +36,6 @@ class Request:
     prompt_token_ids: tuple[int, ...] | None = None
     arrival: float = 0.0  # time.monotonic() at the router
     deadline: float | None = None  # time.monotonic() after which the request is abandoned
+    # A resumed request: the tokens its client already received; generation continues after them, and
+    # `sampling.max_tokens` counts them.
+    resume_token_ids: tuple[int, ...] = ()

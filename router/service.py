@@ -7,6 +7,10 @@ prompt and the first token, which the client gets at once, while the prompt's KV
 chosen for the request; the decode instance continues from prompt + first token. Prompts shorter than
 `Handoff.min_prompt_tokens` run whole on a decode instance.
 
+Admission (`Gate`): at most `max_outstanding` requests run at once, a bounded queue of others waits for a slot
+in arrival order, and one more is refused with `Overloaded` and a retry hint. `Router.drain` takes an instance
+out of placement (it keeps what it runs) and returns once it runs nothing.
+
 `Router.generate` yields `Delta`s; the last one carries the `Outcome`. It stops the request in the engines
 when the consumer goes away (cancellation) or the deadline passes (`DeadlineExceeded`), and frees KV that was
 sent for a decode that will not come. Transport-agnostic: the gRPC and HTTP frontends translate to and from it.
@@ -15,6 +19,7 @@ sent for a decode that will not come. Transport-agnostic: the gRPC and HTTP fron
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -24,7 +29,8 @@ from typing import Any
 
 from pdserve.channel import WorkerGone
 from pdserve.kv_transfer.params import RecvSpec, SendSpec, blocks_for, to_params
-from pdserve.router.errors import DeadlineExceeded, EngineFailure, Overloaded, ServeError
+from pdserve.router.admission import Gate
+from pdserve.router.errors import DeadlineExceeded, EngineFailure, InvalidArgument, ServeError
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.policy import Policy
 from pdserve.router.receive_budget import ReceiveBudget, TooLarge
@@ -32,7 +38,7 @@ from pdserve.router.registry import Instance, Registry
 from pdserve.router.request import Request
 from pdserve.router.timings import Clock, PhaseTimings
 from pdserve.router.tokenizer import PromptTokenizer
-from pdserve.router.validation import Limits, check_prompt_tokens, check_request
+from pdserve.router.validation import Limits, check_prompt_tokens, check_request, check_resume
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +90,7 @@ class Router:
         limits: Limits,
         metrics: RouterMetrics,
         handoff: Handoff | None = None,
+        admission: Gate[asyncio.Future[None]] | None = None,
     ) -> None:
         self.metrics = metrics
         self.registry = registry
@@ -91,6 +98,7 @@ class Router:
         self.tokenizer = tokenizer
         self.limits = limits
         self.handoff = handoff
+        self.admission: Gate[asyncio.Future[None]] = admission if admission is not None else Gate(0, 0)
         self._cleanups: set[Any] = set()  # aborts and releases sent to workers and not yet done
 
     def _cleanup(self, ref: Any) -> None:
@@ -131,7 +139,41 @@ class Router:
         check_request(request, self.limits)
         prompt_ids = self.tokenizer.encode(request)
         check_prompt_tokens(prompt_ids, self.limits)
-        run = _Run(request, prompt_ids, clock, self.tokenizer.text_stream())
+        check_resume(prompt_ids, request, self.limits)
+        async with self._admitted(request):
+            async for delta in self._resuming(_Run(request, prompt_ids, clock, self.tokenizer.text_stream())):
+                yield delta
+
+    @contextlib.asynccontextmanager
+    async def _admitted(self, request: Request) -> AsyncIterator[None]:
+        """Holds one of the gate's slots while the request runs; waits in its queue (until the deadline) first
+        when none is free."""
+        gate = self.admission
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if not gate.enter(waiter):  # Overloaded when the queue is full
+            try:
+                async with asyncio.timeout_at(request.deadline):
+                    await waiter
+            except BaseException as e:
+                if not gate.withdraw(waiter):  # the slot was handed over as the wait ended: pass it on
+                    self._pass_on(gate.leave())
+                if isinstance(e, TimeoutError):
+                    raise DeadlineExceeded("the request's deadline passed while it waited for admission") from None
+                raise
+        try:
+            yield
+        finally:
+            self._pass_on(gate.leave())
+
+    @staticmethod
+    def _pass_on(successor: asyncio.Future[None] | None) -> None:
+        # A waiter cancelled a moment ago is done already; it sees the slot was handed over and passes it on.
+        if successor is not None and not successor.done():
+            successor.set_result(None)
+
+    async def _resuming(self, run: _Run) -> AsyncIterator[Delta]:
+        """The request's legs: a leg that loses its worker is followed by one on another instance."""
+        request = run.request
         while True:
             try:
                 async for delta in self._leg(run):
@@ -151,15 +193,27 @@ class Router:
         run.legs += 1
         run.prefill_instance, run.on_first_chunk = "", None
         h = self.handoff
-        if h is not None and len(run.context) >= h.min_prompt_tokens and self._any_healthy(PREFILL):
+        if h is not None and len(run.context) >= h.min_prompt_tokens and self._any_eligible(PREFILL):
             return self._disaggregated(run, h)
         # Colocated mode, short prompts, and every prefill instance lost: the request runs whole on one instance.
         instance = self._pick(DECODE if h is not None else COLOCATED)
         run.clock.dispatched = run.clock.dispatched or time.monotonic()
         return self._stream(run, instance, run.context, run.rest(), None)
 
-    def _any_healthy(self, role: str) -> bool:
-        return any(s.healthy for s in self.registry.snapshots(role))
+    def _any_eligible(self, role: str) -> bool:
+        return any(s.healthy and not s.draining for s in self.registry.snapshots(role))
+
+    async def drain(self, instance_id: str, timeout: float) -> None:
+        """Places no new request on the instance; returns once the requests it runs have ended (TimeoutError
+        after `timeout` seconds, the instance still draining). Placement skips it until `undrain`."""
+        instance = self.registry.get(instance_id)
+        instance.draining = True
+        async with asyncio.timeout(timeout):
+            while instance.outstanding > 0:
+                await asyncio.sleep(0.05)  # requests end on other tasks; their count is all there is to watch
+
+    def undrain(self, instance_id: str) -> None:
+        self.registry.get(instance_id).draining = False
 
     def _pick(self, role: str) -> Instance:
         policy = self.handoff.prefill_policy if role == PREFILL and self.handoff is not None else self.policy
@@ -173,8 +227,13 @@ class Router:
         try:
             async with asyncio.timeout_at(request.deadline):
                 await handoff.budget.reserve(decode.instance_id, nbytes)
-        except TooLarge as e:
-            raise Overloaded(str(e), retry_after_s=0.0) from None
+        except TooLarge:  # no wait would make it fit: the request itself must change
+            fits = handoff.budget.capacity // decode.info.kv_block_bytes * decode.info.block_size
+            raise InvalidArgument(
+                f"the prompt ({n} tokens, {nbytes} bytes of KV) is larger than a decode instance's receive buffer "
+                f"({handoff.budget.capacity} bytes): at most {fits} tokens fit; shorten it or raise "
+                "transfer.receive_buffer_mib"
+            ) from None
         except TimeoutError:
             raise DeadlineExceeded("the request's deadline passed while it waited for a decode instance") from None
         deadline = time.time() + handoff.deadline_s
@@ -312,6 +371,15 @@ class _Run:
     legs: int = 0
     on_first_chunk: Any = None  # awaited when the first chunk from the engine arrives
     prefill_instance: str = ""  # set once a prefill instance computed the prompt
+
+    def __post_init__(self) -> None:
+        # A request the client resumes starts as a run that lost its worker after sending those tokens: its first
+        # leg continues from the prompt plus them. The detokenizer reads them too (their text went out before), so
+        # a character split across the boundary comes out whole.
+        if self.request.resume_token_ids:
+            self.generated = list(self.request.resume_token_ids)
+            self.produced = len(self.generated)
+            self.text.step(self.generated)
 
     @property
     def context(self) -> list[int]:

@@ -1,12 +1,14 @@
 """Request validation: pure checks against the served model's limits.
 
-`check_request` runs before tokenization (fields alone), `check_prompt_tokens` after it (lengths, ids).
-Both raise `InvalidArgument` / `ModelNotFound` with a message naming the field and the accepted range.
+`check_request` runs before tokenization (fields alone), `check_prompt_tokens` and `check_resume` after it
+(lengths, ids); `check_client_request_id` checks the key a client names its request with. They raise
+`InvalidArgument` / `ModelNotFound` with a message naming the field and the accepted range.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -16,6 +18,7 @@ from pdserve.router.request import Request
 CHAT_ROLES = ("system", "user", "assistant")
 MAX_TEMPERATURE = 2.0  # vLLM's own bound
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what a torch generator accepts
+CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +57,12 @@ def check_request(request: Request, limits: Limits) -> None:
     if s.seed is not None and not SEED_RANGE[0] <= s.seed <= SEED_RANGE[1]:
         raise InvalidArgument(f"sampling.seed must be between {SEED_RANGE[0]} and {SEED_RANGE[1]}, got {s.seed}")
     _check_ids("sampling.stop_token_ids", s.stop_token_ids, limits.vocab_size)
+    if len(request.resume_token_ids) >= s.max_tokens:
+        raise InvalidArgument(
+            f"resume_token_ids holds {len(request.resume_token_ids)} tokens; a resumed request continues only while "
+            f"fewer than sampling.max_tokens ({s.max_tokens}) were received"
+        )
+    _check_ids("resume_token_ids", request.resume_token_ids, limits.vocab_size)
 
 
 def _check_text(field: str, text: str) -> None:
@@ -99,3 +108,20 @@ def _check_ids(field: str, ids: Sequence[int], vocab_size: int) -> None:
     for t in ids:
         if not 0 <= t < vocab_size:
             raise InvalidArgument(f"{field} holds token id {t}; token ids must be in [0, {vocab_size})")
+
+
+def check_resume(prompt_token_ids: Sequence[int], request: Request, limits: Limits) -> None:
+    """A resumed request's prompt plus the tokens already received must leave room for one more token."""
+    n, k = len(prompt_token_ids), len(request.resume_token_ids)
+    if k and n + k >= limits.max_model_len:
+        raise InvalidArgument(
+            f"the prompt ({n} tokens) plus resume_token_ids ({k}) reach max_model_len {limits.max_model_len}: "
+            "the request had already ended there"
+        )
+
+
+def check_client_request_id(key: str) -> None:
+    if key and not CLIENT_REQUEST_ID.fullmatch(key):
+        raise InvalidArgument(
+            f"request_id must be 1 to 128 characters of A-Z, a-z, 0-9, '.', '_', ':' or '-', got {key[:40]!r}"
+        )

@@ -14,6 +14,8 @@ from pdserve_client.errors import (
     Unauthenticated,
     Unavailable,
 )
+from pdserve_client.retry import Retry
+from pdserve_client.tls import Tls
 from pdserve_client.types import Chunk, Completion, Final, PhaseTimings, ServerInfo
 
 __all__ = [
@@ -32,9 +34,11 @@ __all__ = [
     "PdserveError",
     "PhaseTimings",
     "ResourceExhausted",
+    "Retry",
     "Sampling",
     "ServerInfo",
     "Stream",
+    "Tls",
     "Unauthenticated",
     "Unavailable",
 ]

@@ -34,14 +34,15 @@ class Sampling:
 Prompt = str | Sequence[dict[str, str]] | Sequence[int]
 
 
-def build_request(prompt: Prompt, sampling: Sampling, model: str = "") -> pb.GenerateRequest:
+def build_request(prompt: Prompt, sampling: Sampling, model: str = "", request_id: str = "") -> pb.GenerateRequest:
     """A str is raw text, a list of {"role", "content"} dicts is a chat, a list of ints is token ids."""
-    request = pb.GenerateRequest(model=model)
+    request = pb.GenerateRequest(model=model, request_id=request_id)
     if isinstance(prompt, str):
         request.prompt = prompt
     elif all(isinstance(m, dict) for m in prompt) and prompt:
         request.chat.messages.extend(
-            pb.ChatMessage(role=m["role"], content=m["content"]) for m in prompt  # type: ignore[index]
+            pb.ChatMessage(role=m["role"], content=m["content"])  # type: ignore[index]
+            for m in prompt
         )
     else:
         request.prompt_token_ids.ids.extend(int(t) for t in prompt)  # type: ignore[arg-type]
@@ -87,3 +88,12 @@ def server_info_from_proto(msg: pb.ServerInfo) -> ServerInfo:
         prefill_instances=msg.prefill_instances,
         decode_instances=msg.decode_instances,
     )
+
+
+def resumed(request: pb.GenerateRequest, received: Sequence[int]) -> pb.GenerateRequest:
+    """The request resent after its stream broke: the same key, plus the token ids already received."""
+    again = pb.GenerateRequest()
+    again.CopyFrom(request)
+    del again.resume_token_ids[:]
+    again.resume_token_ids.extend(received)
+    return again

@@ -60,9 +60,14 @@ async def run(config: ServeConfig, requests: int, max_tokens: int) -> dict[str, 
     from pdserve.cluster import deploy
     from pdserve.engine import Engine
 
-    deployment = await deploy(config)  # its one worker binds core 0
+    # The baseline engine loads first: loading blocks this event loop, which the router's heartbeats share.
     os.environ.update(VLLM_CPU_OMP_THREADS_BIND="0", VLLM_CPU_NUM_OF_RESERVED_CPU="0")
     engine = Engine(config.engine, Path(config.engine.model))
+    try:
+        deployment = await deploy(config)  # its one worker binds core 0 too
+    except BaseException:
+        engine.shutdown()
+        raise
     rng = random.Random(0)
     samples: dict[str, list[tuple[float, float]]] = {"baseline": [], "candidate": []}
     try:

@@ -1,5 +1,10 @@
 """Workers die under load (1P2D, the tiny model): every accepted request still ends complete and exact.
 
+First `pdserve chaos`'s own run, small: 48 requests, 8 at a time, a quarter cancelled at random moments, a worker
+killed (and restarted by Ray, rejoined by the supervisor) every few seconds, every 5th KV transfer failing on
+purpose (dropped connection, stalled peer). No request may be lost, and once the pool has healed nothing may be
+held.
+
 While requests stream, a decode worker is killed: its requests resume on the other decode instance (a new
 prefill over the prompt plus the tokens already streamed, its KV sent to the survivor), and each client's
 stream goes on with no token missing or repeated. Then the prefill worker is killed: requests whose prefill
@@ -16,6 +21,7 @@ import pytest
 import ray
 from pdserve_client import AsyncClient, Client
 
+from pdserve.chaos import ChaosConfig, run_chaos
 from tests.conftest import start_deployment, stop_deployment
 from tests.integration.conftest import assert_nothing_held
 
@@ -27,9 +33,24 @@ TOKENS = 120
 @pytest.fixture(scope="module")
 def deployment(tiny_model):
     dep = start_deployment(tiny_model, {"mode": "disaggregated", "prefill_instances": 1, "decode_instances": 2},
-                           router={"policy": "round_robin"}, transfer={"transport": "tcp"})
+                           router={"policy": "round_robin"},
+                           # Injected stalls wait out the transfer deadline, so it is short here.
+                           transfer={"transport": "tcp", "fault_every": 5, "deadline_s": 3.0})
     yield dep
     stop_deployment(dep)
+
+
+def test_chaos_run_loses_no_request_and_leaks_nothing(deployment):
+    config = ChaosConfig(requests=48, concurrency=8, kill_every_s=6.0, max_tokens=(4, 48), seed=3,
+                         deadline_s=300.0, heal_timeout_s=300.0)
+    report = deployment.loop.run(run_chaos(deployment, config))
+    t = report.tally
+    assert t.sent == t.accepted == 48 and t.rejected == 0
+    assert t.lost == 0, report.rows()
+    assert t.cancelled > 0 and t.completed > 0
+    assert not t.failed, t.failed  # a lost worker's requests resume; none fails
+    assert report.kills and report.transfers_failed > 0
+    assert report.held.total == 0 and not report.held.not_healthy, report.held
 
 
 def _prompts(count: int, seed: int) -> list[list[int]]:
