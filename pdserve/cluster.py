@@ -180,6 +180,7 @@ async def deploy(config: ServeConfig) -> Deployment:
     r = config.router
     router = Router(registry, make_policy(r.policy), tokenizer, limits, metrics, handoff,
                     Gate(r.max_outstanding, r.admission_queue, r.retry_after_s))
+    metrics.watch_pool(registry.all, lambda: router.admission.waiting)
     supervisor = supervise(registry, secret)
     server, port = await start_grpc(router, config.router.host, config.router.port, security)
     http_server, http_port = await start_http(router, config.router.host, config.router.http_port, security)

@@ -65,7 +65,7 @@ class Supervisor:
             return
         try:
             async with asyncio.timeout(self._timeout_s):
-                await instance.handle.stats.remote()
+                instance.stats = await instance.handle.stats.remote()
         except (RayError, TimeoutError) as e:
             if instance.healthy:
                 log.warning("%s missed its heartbeat (%s): out of the pool", instance.instance_id, type(e).__name__)

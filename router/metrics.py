@@ -1,15 +1,20 @@
 """Prometheus metrics of the router: request latencies, per-phase timings, outcomes, tokens, load.
 
 Names follow Prometheus conventions (`pdserve_` prefix, `_seconds`, `_total`). Each `RouterMetrics` owns its
-registry, so several routers (tests) never collide; `serve_metrics` exposes one over HTTP.
+registry, so several routers (tests) never collide; `serve_metrics` exposes one over HTTP. `watch_pool` adds the
+gauges read at scrape time: per instance its health, outstanding requests and the engine's queue and KV usage (as
+of its last heartbeat), and the requests waiting for admission.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from pdserve.router.timings import PhaseTimings
 
@@ -28,6 +33,9 @@ class RouterMetrics:
         self.tpot = Histogram("pdserve_time_per_output_token_seconds",
                               "(end-to-end - TTFT) / (completion tokens - 1), requests of 2+ tokens",
                               buckets=_LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("pdserve_inter_token_latency_seconds",
+                             "Between two consecutive messages of tokens sent on a stream",
+                             buckets=_LATENCY_BUCKETS, registry=r)
         self.e2e = Histogram("pdserve_e2e_request_latency_seconds", "Arrival at the router to last token sent",
                              buckets=_LATENCY_BUCKETS, registry=r)
         self.phase = Histogram("pdserve_request_phase_seconds", "Seconds a finished request spent in each phase",
@@ -65,6 +73,39 @@ class RouterMetrics:
     def ended_early(self, outcome: str) -> None:
         """A request that did not finish: a gRPC status name, or "cancelled" when the client went away."""
         self.requests.labels(outcome).inc()
+
+
+    def watch_pool(self, instances: Callable[[], list[Any]], admission_waiting: Callable[[], int]) -> None:
+        """Registers the pool's gauges: `instances()` returns the registry's `Instance`s at scrape time."""
+        self.registry.register(_PoolCollector(instances, admission_waiting))
+
+
+class _PoolCollector(Collector):
+    def __init__(self, instances: Callable[[], list[Any]], admission_waiting: Callable[[], int]) -> None:
+        self._instances = instances
+        self._admission_waiting = admission_waiting
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        labels = ["instance", "role"]
+        healthy = GaugeMetricFamily("pdserve_instance_healthy", "1 while the instance is in the pool", labels=labels)
+        outstanding = GaugeMetricFamily("pdserve_instance_outstanding_requests",
+                                        "Requests the router placed on the instance and that have not ended",
+                                        labels=labels)
+        waiting = GaugeMetricFamily("pdserve_instance_waiting_requests",
+                                    "Requests queued in the instance's engine (last heartbeat)", labels=labels)
+        kv = GaugeMetricFamily("pdserve_instance_kv_cache_usage_ratio",
+                               "Share of the instance's KV blocks in use, 0 to 1 (last heartbeat)", labels=labels)
+        for i in self._instances():
+            key = [i.instance_id, i.role]
+            healthy.add_metric(key, float(i.healthy))
+            outstanding.add_metric(key, float(i.outstanding))
+            if i.stats is not None:
+                waiting.add_metric(key, float(i.stats.waiting))
+                kv.add_metric(key, float(i.stats.kv_cache_usage))
+        queue = GaugeMetricFamily("pdserve_admission_waiting_requests",
+                                  "Requests waiting for an admission slot (router.max_outstanding)")
+        queue.add_metric([], float(self._admission_waiting()))
+        yield from (healthy, outstanding, waiting, kv, queue)
 
 
 def serve_metrics(metrics: RouterMetrics, host: str, port: int) -> tuple[Any, int]:

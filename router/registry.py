@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from pdserve.engine import EngineInfo
+from pdserve.engine import EngineInfo, EngineStats
 from pdserve.router.instance import InstanceSnapshot
 
 
@@ -22,6 +22,7 @@ class Instance:
     outstanding: int = 0
     healthy: bool = True
     draining: bool = False  # out of placement; it finishes the requests it has
+    stats: EngineStats | None = None  # the engine's stats at its last heartbeat; None: none yet
 
     def snapshot(self) -> InstanceSnapshot:
         return InstanceSnapshot(self.instance_id, self.role, self.outstanding, self.healthy, draining=self.draining)

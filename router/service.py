@@ -119,8 +119,14 @@ class Router:
     async def generate(self, request: Request) -> AsyncIterator[Delta]:
         """Streams the request's deltas; every request that ends is counted once in the metrics, by outcome."""
         ended = False
+        last_tokens = 0.0  # when the previous message of tokens went out
         try:
             async for delta in self._generate(request):
+                if delta.token_ids:
+                    now = time.monotonic()
+                    if last_tokens:
+                        self.metrics.itl.observe(now - last_tokens)
+                    last_tokens = now
                 if delta.outcome is not None:
                     o = delta.outcome
                     self.metrics.finished(o.finish_reason, o.prompt_tokens, o.completion_tokens, o.timings)

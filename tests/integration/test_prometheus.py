@@ -158,6 +158,7 @@ def test_a_request_shows_in_prometheus(prometheus, deployment):
         "pdserve_prompt_tokens_total",
         "pdserve_e2e_request_latency_seconds_count",
         "pdserve_e2e_request_latency_seconds_sum",
+        "pdserve_inter_token_latency_seconds_count",
     ]
 
     def when_idle() -> dict[str, float] | None:
@@ -196,3 +197,11 @@ def test_a_request_shows_in_prometheus(prometheus, deployment):
         f'histogram_quantile(0.5, sum by (le) (pdserve_e2e_request_latency_seconds_bucket{{job="{JOB}"}}))'
     )
     assert quantile is not None and 0 < quantile <= 300
+    # 5 tokens leave in 2 to 5 messages: 1 to 4 gaps between them.
+    gaps = seen["pdserve_inter_token_latency_seconds_count"] - base["pdserve_inter_token_latency_seconds_count"]
+    assert 1 <= gaps <= 4
+    # The pool's gauges: every instance in the pool, its engine's KV usage a share.
+    instances = len(deployment.router.registry.all())
+    assert prometheus.value(f'sum(pdserve_instance_healthy{{job="{JOB}"}})') == instances
+    usage = prometheus.query(f'pdserve_instance_kv_cache_usage_ratio{{job="{JOB}"}}')
+    assert len(usage) == instances and all(0 <= float(u["value"][1]) <= 1 for u in usage)

@@ -35,3 +35,26 @@ def test_registries_are_independent():
     a, b = RouterMetrics(), RouterMetrics()
     a.ended_early("cancelled")
     assert value(b, "pdserve_requests_total", outcome="cancelled") == 0
+
+
+def test_pool_gauges_are_read_from_the_registry_at_scrape_time():
+    from pdserve.engine import EngineInfo, EngineStats
+    from pdserve.router.registry import Instance
+
+    info = EngineInfo(max_model_len=1024, block_size=16, num_blocks=64)
+    decode = Instance("decode-0", "decode", None, info, None, outstanding=3)
+    prefill = Instance("prefill-0", "prefill", None, info, None, healthy=False)
+    waiting = [0]
+    m = RouterMetrics()
+    m.watch_pool(lambda: [prefill, decode], lambda: waiting[0])
+    assert value(m, "pdserve_instance_healthy", instance="decode-0", role="decode") == 1
+    assert value(m, "pdserve_instance_healthy", instance="prefill-0", role="prefill") == 0
+    assert value(m, "pdserve_instance_outstanding_requests", instance="decode-0", role="decode") == 3
+    # No heartbeat yet: no engine gauges rather than a made-up 0.
+    assert m.registry.get_sample_value("pdserve_instance_kv_cache_usage_ratio", {"instance": "decode-0",
+                                                                                 "role": "decode"}) is None
+    decode.stats = EngineStats(running=2, waiting=5, kv_cache_usage=0.25)
+    waiting[0] = 7
+    assert value(m, "pdserve_instance_kv_cache_usage_ratio", instance="decode-0", role="decode") == 0.25
+    assert value(m, "pdserve_instance_waiting_requests", instance="decode-0", role="decode") == 5
+    assert value(m, "pdserve_admission_waiting_requests") == 7
