@@ -15,7 +15,8 @@ PURE := router/policy.py router/validation.py router/timings.py router/instance.
 	router/errors.py router/prediction.py router/placement.py router/kv_placement.py router/prefill_placement.py \
 	router/admission.py router/length_policies.py router/receive_budget.py kv_transfer/ticket.py kv_transfer/ledger.py \
 	kv_transfer/params.py kv_transfer/planner.py pdserve/config.py pdserve/sim pdserve/bench/serve_metrics.py \
-	pdserve/bench/workload.py
+	pdserve/bench/workload.py pdserve/predictor/metrics.py pdserve/predictor/labels.py \
+	pdserve/predictor/calibration.py
 
 $(STAMP): pyproject.toml client/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

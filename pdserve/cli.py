@@ -1,4 +1,4 @@
-"""The `pdserve` command: serve, generate, demo, model prepare, bench, chaos."""
+"""The `pdserve` command: serve, generate, demo, model prepare, bench, chaos, predictor."""
 
 from __future__ import annotations
 
@@ -108,6 +108,24 @@ def _chaos(args: argparse.Namespace) -> int:
     return main(args)
 
 
+def _predictor_label(args: argparse.Namespace) -> int:
+    from pdserve.predictor.label import main
+
+    return main(args)
+
+
+def _predictor_train(args: argparse.Namespace) -> int:
+    from pdserve.predictor.train import main
+
+    return main(args)
+
+
+def _predictor_eval(args: argparse.Namespace) -> int:
+    from pdserve.predictor.evaluate import main
+
+    return main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pdserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -159,10 +177,12 @@ def build_parser() -> argparse.ArgumentParser:
     from pdserve.bench.overload import add_parser as add_overload
     from pdserve.bench.serve import add_parser
     from pdserve.chaos_command import add_parser as add_chaos
+    from pdserve.predictor.commands import add_parsers as add_predictor
 
     add_parser(bsub, _bench_serve)
     add_overload(bsub, _bench_overload)
     add_chaos(sub, _chaos)
+    add_predictor(sub, _predictor_label, _predictor_train, _predictor_eval)
     return parser
 
 
