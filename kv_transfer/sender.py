@@ -16,8 +16,6 @@ as a stalled peer (nothing is sent; the decode side waits out the transfer's dea
 
 from __future__ import annotations
 
-import contextlib
-import os
 import queue
 import threading
 import time
@@ -88,10 +86,6 @@ class Sender:
         self._links.clear()
 
     def _run(self) -> None:
-        # vLLM binds the engine's threads to its cores, and this thread would inherit that: it would then send
-        # only when the forward pass it overlaps leaves the core. Any core of the host may run it instead.
-        with contextlib.suppress(OSError):  # a container may forbid some cores: then the inherited set stays
-            os.sched_setaffinity(0, range(os.cpu_count() or 1))  # 0: this thread
         while (item := self._work.get()) is not None:
             out, layer, views = item
             if not out.error:

@@ -109,13 +109,12 @@ class _Generation:
         return _wire.resumed(self.request, self.received) if self.received else self.request
 
 
-class Stream:
-    """A running generation (sync). Iterate for chunks; `cancel()` stops it on the server."""
+class _Attempting:
+    """What the sync and asyncio streams share: the generation across attempts and the current call."""
 
     def __init__(self, start: Callable[[pb.GenerateRequest, float | None], Any], generation: _Generation) -> None:
         self._start = start
         self._gen = generation
-        self._cancelled = threading.Event()
         self._call = start(generation.request, generation.attempts.timeout())
 
     @property
@@ -126,6 +125,14 @@ class Stream:
     def resumes(self) -> int:
         """How many times the stream broke and was resumed."""
         return self._gen.resumes
+
+
+class Stream(_Attempting):
+    """A running generation (sync). Iterate for chunks; `cancel()` stops it on the server."""
+
+    def __init__(self, start: Callable[[pb.GenerateRequest, float | None], Any], generation: _Generation) -> None:
+        self._cancelled = threading.Event()
+        super().__init__(start, generation)
 
     def __iter__(self) -> Iterator[Chunk]:
         while True:
@@ -251,24 +258,13 @@ class Client:
         self.close()
 
 
-class AsyncStream:
+class AsyncStream(_Attempting):
     """A running generation (asyncio). `async for` it for chunks; `cancel()` stops it on the server."""
 
     def __init__(self, start: Callable[[pb.GenerateRequest, float | None], Any], generation: _Generation) -> None:
-        self._start = start
-        self._gen = generation
         self._cancelled = False
         self._wake = asyncio.Event()
-        self._call = start(generation.request, generation.attempts.timeout())
-
-    @property
-    def request_id(self) -> str:
-        return self._gen.request.request_id
-
-    @property
-    def resumes(self) -> int:
-        """How many times the stream broke and was resumed."""
-        return self._gen.resumes
+        super().__init__(start, generation)
 
     async def __aiter__(self) -> AsyncIterator[Chunk]:
         while True:
