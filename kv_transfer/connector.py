@@ -28,7 +28,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
 
 from pdserve.kv_transfer import shm, tcp
-from pdserve.kv_transfer.params import Spec, from_params
+from pdserve.kv_transfer.params import Spec, block_runs, from_params
 from pdserve.kv_transfer.planner import Scheduled, StepPlan, TransferPlanner
 from pdserve.kv_transfer.receiver import Receiver
 from pdserve.kv_transfer.sender import Outgoing, Sender
@@ -159,8 +159,9 @@ class KVWorker:
             self._layers.append(kv.view(torch.uint8).reshape(self._num_blocks, -1))
 
     def block_views(self, layer: int, block_ids: tuple[int, ...]) -> list[memoryview]:
+        """The blocks' bytes in order, one view per run of consecutive block ids (one contiguous span each)."""
         arr = self._layers[layer].numpy()
-        return [memoryview(arr[b]) for b in block_ids]
+        return [memoryview(arr[start:stop]).cast("B") for start, stop in block_runs(block_ids)]
 
     def start_loads(self, plan: StepPlan) -> None:
         for job in plan.loads:

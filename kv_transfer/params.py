@@ -18,6 +18,7 @@ next token). Pure data: parsed at the edge of the engine from plain dicts, so a 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -111,3 +112,15 @@ def layer_key(transfer_id: str, layer: int) -> bytes:
 def blocks_for(num_tokens: int, block_size: int) -> int:
     """KV blocks that hold `num_tokens` tokens."""
     return -(-num_tokens // block_size)
+
+
+def block_runs(block_ids: Sequence[int]) -> list[tuple[int, int]]:
+    """`block_ids` in order as half-open runs [start, stop) of consecutive ids: one contiguous span of a layer's KV
+    each, so a message is a few large views rather than one view per block."""
+    runs: list[tuple[int, int]] = []
+    for b in block_ids:
+        if runs and runs[-1][1] == b:
+            runs[-1] = (runs[-1][0], b + 1)
+        else:
+            runs.append((b, b + 1))
+    return runs

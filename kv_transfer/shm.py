@@ -4,7 +4,7 @@ Control frames travel on an authenticated Unix socket (abstract namespace, no fi
 through memory. Each side owns the ring it sends through: an anonymous `memfd` of `slots` slots, handed to the peer
 over the socket (SCM_RIGHTS) right after both sides proved the cluster secret.
 
-    sender:   DATA(key, length), then per slot-sized piece: copy into a free slot, CHUNK(slot, n)
+    sender:   DATA(key, length), then per slot: fill a free slot from the message's views, CHUNK(slot, n)
     receiver: per CHUNK: copy the slot straight into the posted buffer, FREE(slot) back
 
 So each byte is copied twice (into the ring, out of it), and the two copies overlap across the slots: the sender
@@ -95,14 +95,27 @@ class RingPayload:
     def send(self, io: SocketIO, head: bytes, views: Sequence[memoryview], deadline: float) -> None:
         with io.write_lock:
             io.write([head], deadline)
+        # Slots are filled to the brim whatever the views' sizes: a layer's many small blocks share a slot.
         step = self._tx.slot_bytes
+        index, filled = -1, 0
         for view in views:
-            for off in range(0, len(view), step):
-                piece = view[off : off + step]
-                index = self._take(deadline)
-                self._tx.slot(index, len(piece))[:] = piece
-                with io.write_lock:
-                    io.write([encode_header(Header(Kind.CHUNK, 0, index, len(piece)))], deadline)
+            off = 0
+            while off < len(view):
+                if index < 0:
+                    index, filled = self._take(deadline), 0
+                n = min(step - filled, len(view) - off)
+                self._tx.slot(index, filled + n)[filled:] = view[off : off + n]
+                filled, off = filled + n, off + n
+                if filled == step:
+                    self._post(io, index, filled, deadline)
+                    index = -1
+        if index >= 0:
+            self._post(io, index, filled, deadline)
+
+    @staticmethod
+    def _post(io: SocketIO, index: int, n: int, deadline: float) -> None:
+        with io.write_lock:
+            io.write([encode_header(Header(Kind.CHUNK, 0, index, n))], deadline)
 
     def _take(self, deadline: float) -> int:
         with self._cond:

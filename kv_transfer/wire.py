@@ -35,6 +35,7 @@ MAGIC = b"KV"
 VERSION = 1
 TICK_S = 0.1
 MAX_READ = 16 << 20  # one recv call at most; bounds how long a withdrawn destination stays busy
+MAX_IOV = 1024  # buffers per sendmsg call: Linux's IOV_MAX
 
 
 class Kind(enum.IntEnum):
@@ -100,19 +101,26 @@ class SocketIO:
         self._header_buf = bytearray(HEADER.size)
 
     def write(self, views: Sequence[bytes | memoryview], deadline: float) -> None:
-        """Write every view in order; the caller holds `write_lock` when frames must not interleave."""
-        for view in views:
-            view = memoryview(view)
-            off, end = 0, len(view)
-            while off < end:
-                try:
-                    off += self.sock.send(view[off:])
-                except BlockingIOError:
-                    pass  # one tick without room in the socket buffer
-                except OSError as exc:
-                    raise PeerGone(f"connection lost while sending: {exc}") from exc
-                if off < end and time.monotonic() > deadline:
-                    raise TransportTimeout("the peer stopped reading: send deadline passed mid-message")
+        """Write every view in order, gathered into as few `sendmsg` calls as the socket allows; the caller holds
+        `write_lock` when frames must not interleave."""
+        pending = [memoryview(v) for v in views if len(v)]
+        first = 0
+        while first < len(pending):
+            try:
+                sent = self.sock.sendmsg(pending[first : first + MAX_IOV])
+            except BlockingIOError:
+                sent = 0  # one tick without room in the socket buffer
+            except OSError as exc:
+                raise PeerGone(f"connection lost while sending: {exc}") from exc
+            while sent:
+                head = pending[first]
+                if sent < len(head):
+                    pending[first] = head[sent:]
+                    break
+                sent -= len(head)
+                first += 1
+            if first < len(pending) and time.monotonic() > deadline:
+                raise TransportTimeout("the peer stopped reading: send deadline passed mid-message")
 
     def recv_some(self, view: memoryview) -> int:
         """One receive into `view`: the byte count, 0 after a tick without data; `PeerGone` at end of stream."""

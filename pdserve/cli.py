@@ -81,7 +81,8 @@ def _bench_overhead(args: argparse.Namespace) -> int:
 def _bench_transport(args: argparse.Namespace) -> int:
     from pdserve.bench.transport import main
 
-    return main(["--size-mb", str(args.size_mb), "--repeats", str(args.repeats), "--json", args.out])
+    return main(["--size-mb", str(args.size_mb), "--repeats", str(args.repeats), "--pieces", str(args.pieces),
+                 "--json", args.out])
 
 
 def _bench_transfer(args: argparse.Namespace) -> int:
@@ -163,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = bsub.add_parser("transport", help="CPU KV transports (tcp, shm) against raw loopback TCP, side by side")
     b.add_argument("--size-mb", type=float, default=64.0)
     b.add_argument("--repeats", type=int, default=15)
+    b.add_argument("--pieces", type=int, default=1, help="each message as this many views (a KV layer: one per block)")
     b.add_argument("--out", default="bench-results/transport.json")
     b.set_defaults(func=_bench_transport)
     b = bsub.add_parser("transfer", help="KV transfer of real requests (1P1D) against raw loopback bandwidth, "

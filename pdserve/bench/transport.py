@@ -37,7 +37,13 @@ TIMEOUT_S = 30.0
 KEY = b"bench"
 
 
-def _child(ctl: Connection, secret: bytes, addresses: dict[str, object], size: int) -> None:
+def split(view: memoryview, pieces: int) -> list[memoryview]:
+    """`view` as `pieces` consecutive views of (nearly) equal size, as a layer's KV blocks reach the transport."""
+    step = -(-len(view) // pieces)
+    return [view[i : i + step] for i in range(0, len(view), step)]
+
+
+def _child(ctl: Connection, secret: bytes, addresses: dict[str, object], size: int, pieces: int) -> None:
     """The sender: connects every variant, then sends on each command until told to stop (commands are bytes)."""
     config = TransportConfig(Endpoint("bench-sender", 0), secret)
     raw = socket.create_connection(addresses["raw"], timeout=TIMEOUT_S)  # type: ignore[arg-type]
@@ -49,12 +55,13 @@ def _child(ctl: Connection, secret: bytes, addresses: dict[str, object], size: i
         links["shm"] = shm.connect(addresses["shm"], config, TIMEOUT_S)  # type: ignore[arg-type]
     src = bytearray(os.urandom(min(size, 1 << 20))) * (size // (1 << 20) + 1)
     view = memoryview(src)[:size]
+    views = split(view, pieces)
     ctl.send_bytes(hashlib.sha256(view).digest())
     while (cmd := ctl.recv_bytes().decode()) != "stop":
         if cmd == "raw":
             raw.sendall(view)
         else:
-            links[cmd].send(KEY, [view], TIMEOUT_S)
+            links[cmd].send(KEY, views, TIMEOUT_S)
     for link in links.values():
         link.close()
     raw.close()
@@ -99,11 +106,14 @@ def _stats(values: list[float]) -> dict[str, object]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "samples": values}
 
 
-def measure(transports: Sequence[str] = TRANSPORTS, size_bytes: int = 64 << 20, repeats: int = 5) -> dict[str, object]:
-    """Median GB/s of raw loopback TCP and of each transport, and each transport's ratio to raw."""
+def measure(transports: Sequence[str] = TRANSPORTS, size_bytes: int = 64 << 20, repeats: int = 5,
+            pieces: int = 1) -> dict[str, object]:
+    """Median GB/s of raw loopback TCP and of each transport, and each transport's ratio to raw. The transports
+    get each message as `pieces` separate views (raw TCP always sends one buffer)."""
     unknown = set(transports) - set(TRANSPORTS)
-    if unknown or size_bytes < 1 or repeats < 1:
-        raise ValueError(f"transports from {TRANSPORTS}, size_bytes >= 1 and repeats >= 1; got {transports}")
+    if unknown or size_bytes < 1 or repeats < 1 or not 1 <= pieces <= size_bytes:
+        raise ValueError(f"transports from {TRANSPORTS}, size_bytes >= 1, repeats >= 1 and 1 <= pieces <= size_bytes; "
+                         f"got {transports}, {size_bytes}, {repeats}, {pieces}")
     secret = os.urandom(32)
     config = TransportConfig(Endpoint("bench-receiver", 0), secret)
     raw_listener = socket.create_server(("127.0.0.1", 0))
@@ -113,7 +123,7 @@ def measure(transports: Sequence[str] = TRANSPORTS, size_bytes: int = 64 << 20, 
     addresses.update({name: listeners[name].address for name in transports})
     ctx = mp.get_context("spawn")
     ctl, child_ctl = ctx.Pipe()
-    child = ctx.Process(target=_child, args=(child_ctl, secret, addresses, size_bytes), daemon=True)
+    child = ctx.Process(target=_child, args=(child_ctl, secret, addresses, size_bytes, pieces), daemon=True)
     child.start()
     try:
         return _run(ctl, raw_listener, {n: listeners[n] for n in transports}, size_bytes, repeats)
@@ -158,15 +168,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-mb", type=float, default=64.0)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--pieces", type=int, default=1,
+                        help="hand each message to the transport as this many views (a KV layer: one per block)")
     parser.add_argument("--transports", nargs="+", default=list(TRANSPORTS), choices=TRANSPORTS)
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
-    result = measure(args.transports, int(args.size_mb * (1 << 20)), args.repeats)
+    result = measure(args.transports, int(args.size_mb * (1 << 20)), args.repeats, args.pieces)
     rows: list[list[object]] = [["raw", result["raw"]["median"], "", ""]]  # type: ignore[index]
     for name in args.transports:
         entry = result[name]
         rows.append([name, entry["median"], entry["ratio"], entry["paired_ratio"]])  # type: ignore[index]
-    print(f"{args.size_mb:g} MB x {args.repeats} rounds, receiver-side median GB/s")
+    print(f"{args.size_mb:g} MB in {args.pieces} piece(s) x {args.repeats} rounds, receiver-side median GB/s")
     print(table(["variant", "GB/s", "ratio", "paired_ratio"], rows))
     print(json.dumps(result))
     if args.json:

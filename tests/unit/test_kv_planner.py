@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from pdserve.kv_transfer.params import RecvSpec, SendSpec, blocks_for, from_params, layer_key, to_params
+from pdserve.kv_transfer.params import (
+    RecvSpec,
+    SendSpec,
+    block_runs,
+    blocks_for,
+    from_params,
+    layer_key,
+    to_params,
+)
 from pdserve.kv_transfer.planner import Scheduled, TransferPlanner
 
 BLOCK = 128
@@ -34,6 +42,17 @@ def test_malformed_params_are_clear_errors(body, message):
 def test_blocks_and_keys():
     assert [blocks_for(n, BLOCK) for n in (1, 127, 128, 129, 256)] == [1, 1, 1, 2, 2]
     assert layer_key("t1", 3) == b"t1/3"
+
+
+@pytest.mark.parametrize("ids, runs", [
+    ((), []),
+    ((7,), [(7, 8)]),
+    ((3, 4, 5, 9, 10, 2), [(3, 6), (9, 11), (2, 3)]),
+    ((5, 4, 3), [(5, 6), (4, 5), (3, 4)]),  # descending ids stay separate: the order of the bytes is the order given
+])
+def test_block_runs_cover_the_ids_in_order(ids, runs):
+    assert block_runs(ids) == runs
+    assert [b for start, stop in runs for b in range(start, stop)] == list(ids)
 
 
 def test_a_consumer_loads_once_into_the_blocks_that_hold_its_tokens():

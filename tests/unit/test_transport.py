@@ -39,6 +39,7 @@ from pdserve.kv_transfer.transport import (
     recv,
 )
 from pdserve.kv_transfer.wire import HEADER, Header, Kind, decode_header, encode_header
+from tests.conftest import poll
 
 SECRET = b"cluster-secret-0123456789abcdef"
 DECODE = TransportConfig(Endpoint("decode-0", 2), SECRET, handshake_timeout_s=2.0, stall_timeout_s=2.0)
@@ -121,10 +122,29 @@ def test_both_directions_at_once(kind: str) -> None:
 def test_message_sent_before_expect_is_delivered(kind: str) -> None:
     with linked(kind) as (receiver, sender):
         sender.send(b"early", [memoryview(b"hello "), memoryview(b"world")], 5.0)
-        time.sleep(0.05)
+        poll(lambda: receiver.holds(b"early"), "the early message to land in the stash", 5.0, 0.01)
         dst = bytearray(11)
         assert recv(receiver, b"early", [memoryview(dst)], 5.0) == 11
         assert dst == b"hello world"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_recycled_stash_buffers_never_mix_messages(kind: str) -> None:
+    """Stashes are reused once claimed; each claim must still give exactly its own bytes, whatever the sizes."""
+    n = 300_000
+    sizes = [n, n, n - 100, 2 * n + 1, n // 2 + 1, n]
+    with linked(kind) as (receiver, sender):
+        for rnd in range(3):
+            keys = [f"r{rnd}/layer-{i}".encode() for i in range(len(sizes))]
+            for i, (key, size) in enumerate(zip(keys, sizes, strict=True)):
+                sender.send(key, [memoryview(_pattern(size, seed=rnd * 100 + i))], 5.0)
+            poll(lambda keys=keys: all(receiver.holds(k) for k in keys), "every message to land in the stash", 5.0,
+                 0.01)
+            for i, (key, size) in enumerate(zip(keys, sizes, strict=True)):
+                dst = bytearray(size)
+                assert recv(receiver, key, [memoryview(dst)], 5.0) == size
+                assert dst == _pattern(size, seed=rnd * 100 + i), f"round {rnd}, message {i}"
+        assert receiver.stashed_bytes == 0
 
 
 @pytest.mark.parametrize("kind", KINDS)
