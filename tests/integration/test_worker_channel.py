@@ -10,12 +10,13 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 
-import grpc
 import pytest
 import ray
 from pdserve_client import Client
 
+from pdserve.channel import LENGTH
 from tests.conftest import start_deployment, stop_deployment
 
 pytestmark = pytest.mark.integration
@@ -37,25 +38,26 @@ def undisturbed(deployment):
         return client.complete(PROMPT, max_tokens=TOKENS, temperature=0.0, ignore_eos=True).token_ids
 
 
-def _raw_generate(address: str, metadata: tuple[tuple[str, str], ...]) -> list[object]:
-    from pdserve.channel import SERVICE
-
+def _raw_generate(address: str, hello: dict[str, object]) -> dict[str, object]:
+    """One `Generate` call on a plain socket; the worker's first answer."""
     call = {"id": "raw-1", "prompt": [11, 12, 13],
             "sampling": {"max_tokens": 2, "temperature": 0.0, "top_p": 1.0, "top_k": 0, "seed": None,
                          "ignore_eos": True, "stop_token_ids": []}, "kv": None}
-    with grpc.insecure_channel(address) as channel:
-        generate = channel.unary_stream(f"/{SERVICE}/Generate", request_serializer=lambda m: json.dumps(m).encode(),
-                                        response_deserializer=json.loads)
-        return list(generate(call, metadata=metadata, timeout=60))
+    host, _, port = address.rpartition(":")
+    with socket.create_connection((host, int(port)), timeout=60) as sock:
+        body = json.dumps({**hello, "method": "Generate", "call": call}).encode()
+        sock.sendall(LENGTH.pack(len(body)) + body)
+        reader = sock.makefile("rb")
+        (n,) = LENGTH.unpack(reader.read(LENGTH.size))
+        return json.loads(reader.read(n))
 
 
 def test_a_worker_serves_only_callers_holding_the_cluster_secret(deployment):
     address = deployment.router.registry.all()[1].info.request_address
-    for metadata in ((), (("pdserve-secret", "not-the-secret"),)):
-        with pytest.raises(grpc.RpcError) as e:
-            _raw_generate(address, metadata)
-        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
-        assert "cluster secret" in e.value.details()
+    for hello in ({}, {"secret": "not-the-secret"}):
+        answer = _raw_generate(address, hello)
+        assert answer["error"]["code"] == "UNAUTHENTICATED"
+        assert "cluster secret" in answer["error"]["message"]
     with Client(deployment.target) as client:  # the worker still serves the router
         assert len(client.complete([11, 12, 13], max_tokens=3, temperature=0.0, ignore_eos=True).token_ids) == 3
 
