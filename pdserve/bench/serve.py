@@ -1,161 +1,338 @@
-"""`pdserve bench serve`: open-loop serving benchmark, targets run one after another on the same cores.
+"""`pdserve bench serve`: the serving benchmark; pdserve and plain vLLM, one after another on the same cores.
 
-Each target is started by the benchmark, warmed up, driven with the same requests at the same arrival times
-(Poisson, or gamma with a burstiness factor, as vLLM's benchmark does), and stopped. Every request streams
-through the gRPC SDK; the client-side trace of each (send time, every chunk's arrival and token count) goes to
-`serve_metrics`, which computes TTFT, TPOT, ITL, end-to-end latency and goodput with vLLM's definitions.
+Contract. One invocation builds one request set (`--dataset`) and runs every target (`--targets`, see
+`serve_targets`) in turn: each is started once, warmed up with a few requests outside the set, then driven
+with the whole set once per offered rate (`--rate`, several allowed, `inf` sends all at once) and, with
+`--search LOW HIGH`, once per probe of `serve_metrics.goodput_search`, then stopped. Every run sends the same
+requests at the same arrival times (gamma gaps with shape `--burstiness`, as vLLM does; 1 is Poisson);
+`--max-concurrency N` holds a request that is due until fewer than N are in flight (a closed loop when the
+rate is inf). A request's send time is taken when it goes out, so client-side queueing is not in its TTFT.
+Every request streams through the same client code; `serve_metrics` turns the traces into TTFT, TPOT, ITL,
+end-to-end latency, goodput and SLO attainment with vLLM's definitions.
 
-Targets:
-- `pdserve-disagg`: 1P1D (one prefill and one decode instance, one core each).
-- `pdserve-colocated`: two colocated instances (one core each), the same router.
+Output: per rate, a latency table and a throughput table with each target's ratio to the reference target
+(`pdserve-disagg`, else the first target listed); for a search, the highest rate meeting the SLO per target;
+a JSON file with the arguments, every run's `ServeMetrics.to_json()` and per-request samples, and the search
+probes; PNG plots beside it (`plots`).
 
-    pdserve bench serve --rate 1.0 --requests 60 [--model PATH] [--slo-ttft-ms 2000 --slo-tpot-ms 200]
+    pdserve bench serve --rate 0.2 0.5 --requests 40 [--targets ...] [--dataset random --input-len 256]
+    pdserve bench serve --search 0.05 1.0 --requests 30 --slo-ttft-ms 5000 --slo-tpot-ms 250
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
-import os
+import math
 import sys
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
 from pdserve.bench.report import table, write_json
-from pdserve.bench.serve_metrics import RequestTrace, ServeMetrics, Slo, summarize
-from pdserve.bench.workload import ArrivalConfig, BenchRequest, LengthDist, RandomConfig, arrival_times, random_requests
-from pdserve.config import ServeConfig, config_from_dict, load_config
+from pdserve.bench.serve_data import add_dataset_arguments, build_requests, describe, warmup_requests
+from pdserve.bench.serve_metrics import (
+    RequestTrace,
+    SearchConfig,
+    SearchResult,
+    ServeMetrics,
+    Slo,
+    goodput_search,
+    summarize,
+)
+from pdserve.bench.serve_targets import CLIENTS, TARGETS, Driver, TargetSpec, started
+from pdserve.bench.workload import ArrivalConfig, BenchRequest, arrival_times
+from pdserve.config import load_config
 
-TARGETS = {
-    "pdserve-disagg": {"mode": "disaggregated", "prefill_instances": 1, "decode_instances": 1},
-    "pdserve-colocated": {"mode": "colocated", "instances": 2},
-}
 REFERENCE = "pdserve-disagg"
-WARMUP = 2
 
 
-def mixed_workload(count: int, max_model_len: int, seed: int) -> list[BenchRequest]:
-    """Short and long prompts, short and long outputs: lognormal lengths with a wide spread."""
-    cap = max_model_len // 2
-    return random_requests(RandomConfig(
-        count=count,
-        input=LengthDist(200, "lognormal", 1.0, low=8, high=cap),
-        output=LengthDist(48, "lognormal", 0.8, low=4, high=min(256, cap)),
-        token_range=(100, 40_000),
-        seed=seed,
-    ))
+@dataclass(frozen=True)
+class Plan:
+    """What every target is put through."""
+
+    requests: list[BenchRequest]
+    warmup: list[BenchRequest]
+    rates: tuple[float, ...]
+    arrivals: ArrivalConfig  # its rate_rps is replaced by each run's rate
+    max_concurrency: int | None
+    timeout: float
+    slo: Slo
+    search: SearchConfig | None
 
 
-async def _one(client: Any, request: BenchRequest, send_at: float, timeout: float) -> RequestTrace:
-    await asyncio.sleep(max(0.0, send_at - time.monotonic()))  # the open-loop schedule, not a synchronization
-    sent = time.monotonic()
-    times: list[float] = []
-    tokens: list[int] = []
+@dataclass
+class Run:
+    rate: float
+    traces: list[RequestTrace]
+    metrics: ServeMetrics
+
+
+@dataclass
+class TargetResult:
+    runs: list[Run] = field(default_factory=list)  # the fixed rates, in order
+    search: SearchResult | None = None
+    probes: list[Run] = field(default_factory=list)  # the search's runs, in the order run
+
+
+def parse_rate(text: str) -> float:
+    """An argparse type: a positive number of requests per second, or inf."""
     try:
-        async for chunk in client.generate(list(request.prompt), max_tokens=request.max_tokens, temperature=0.0,
-                                           ignore_eos=True, timeout=timeout):
-            if chunk.token_ids:
-                times.append(time.monotonic())
-                tokens.append(len(chunk.token_ids))
-    except Exception as e:  # a failed request is part of the result, counted by its error
-        return RequestTrace(sent, tuple(times), tuple(tokens), request.prompt_tokens, error=type(e).__name__)
-    return RequestTrace(sent, tuple(times), tuple(tokens), request.prompt_tokens)
+        rate = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a rate (a number of requests per second, or inf)") from None
+    if not rate > 0:
+        raise argparse.ArgumentTypeError(f"a rate must be > 0 (inf: all at once), got {text!r}")
+    return rate
 
 
-async def run_target(config: ServeConfig, requests: list[BenchRequest], arrivals: tuple[float, ...],
-                     timeout: float, label: str) -> tuple[list[RequestTrace], float]:
-    from pdserve_client import AsyncClient
+def parse_search_rate(text: str) -> float:
+    """An argparse type: a finite positive rate (a search bisects between two)."""
+    rate = parse_rate(text)
+    if math.isinf(rate):
+        raise argparse.ArgumentTypeError("a search bound must be finite")
+    return rate
 
-    from pdserve.cluster import deploy
 
-    dep = await deploy(config)
+def positive_int(text: str) -> int:
     try:
-        async with AsyncClient(dep.target) as client:
-            for r in requests[:WARMUP]:
-                await _one(client, r, 0.0, timeout)
-            start = time.monotonic()
-            bar = tqdm(total=len(requests), desc=label, file=sys.stderr)
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
-            async def tracked(r: BenchRequest, at: float) -> RequestTrace:
-                trace = await _one(client, r, start + at, timeout)
-                bar.update()
-                return trace
 
-            traces = await asyncio.gather(*(tracked(r, at) for r, at in zip(requests, arrivals, strict=True)))
-            bar.close()
-            return list(traces), time.monotonic() - start
+def rate_key(rate: float) -> str:
+    return "inf" if math.isinf(rate) else f"{rate:g}"
+
+
+def reference_of(targets: Sequence[str]) -> str:
+    return REFERENCE if REFERENCE in targets else targets[0]
+
+
+# ---- running ------------------------------------------------------------------------------------------------
+
+
+async def run_once(driver: Driver, plan: Plan, rate: float, label: str) -> Run:
+    """The request set at one rate: each request waits for its arrival time, then (with a concurrency cap)
+    for a free slot, then goes out."""
+    arrivals = arrival_times(len(plan.requests), ArrivalConfig(rate, plan.arrivals.burstiness, plan.arrivals.seed))
+    slots = asyncio.Semaphore(plan.max_concurrency) if plan.max_concurrency else None
+    bar = tqdm(total=len(plan.requests), desc=f"{label} @ {rate_key(rate)} req/s", file=sys.stderr)
+    start = time.monotonic()
+
+    async def one(request: BenchRequest, at: float) -> RequestTrace:
+        await asyncio.sleep(max(0.0, start + at - time.monotonic()))  # the open-loop schedule
+        if slots is None:
+            trace = await driver.send(request, plan.timeout)
+        else:
+            async with slots:
+                trace = await driver.send(request, plan.timeout)
+        bar.update()
+        return trace
+
+    try:
+        traces = list(await asyncio.gather(*(one(r, at) for r, at in zip(plan.requests, arrivals, strict=True))))
     finally:
-        await dep.stop()
+        bar.close()
+    duration = time.monotonic() - start
+    return Run(rate, traces, summarize(traces, duration, plan.slo))
 
 
-def target_config(base: ServeConfig, workers: dict[str, Any], model: str | None) -> ServeConfig:
-    data = {
-        "ray": {"num_cpus": max(4, os.cpu_count() or 2), "log_to_driver": False},
-        "engine": dataclasses.asdict(base.engine) | ({"model": model} if model else {}),
-        "workers": workers,
-        "transfer": dataclasses.asdict(base.transfer),
-        "router": {"port": 0, "http_port": 0, "metrics_port": 0, "max_tokens_limit": base.router.max_tokens_limit},
-    }
-    return config_from_dict(data)
+async def _search(driver: Driver, plan: Plan, label: str, result: TargetResult) -> SearchResult:
+    assert plan.search is not None
+    loop = asyncio.get_running_loop()
+
+    def probe(rate: float) -> list[RequestTrace]:  # runs on a worker thread; the run itself on this loop
+        run = asyncio.run_coroutine_threadsafe(run_once(driver, plan, rate, f"{label} search"), loop).result()
+        result.probes.append(run)
+        return run.traces
+
+    return await asyncio.to_thread(goodput_search, probe, plan.slo, plan.search)
 
 
-def rows(results: dict[str, ServeMetrics]) -> list[list[object]]:
-    ref = results.get(REFERENCE)
-    out: list[list[object]] = []
+async def bench_target(spec: TargetSpec, plan: Plan) -> TargetResult:
+    """Starts the target once, warms it up, runs every rate and the search, stops it."""
+    result = TargetResult()
+    async with started(spec) as driver:
+        for request in plan.warmup:
+            trace = await driver.send(request, plan.timeout)
+            if not trace.ok:
+                raise RuntimeError(f"{spec.name}: a warm-up request failed ({trace.error}); see its logs")
+        for rate in plan.rates:
+            result.runs.append(await run_once(driver, plan, rate, spec.name))
+        if plan.search is not None:
+            result.search = await _search(driver, plan, spec.name, result)
+    return result
+
+
+# ---- report -------------------------------------------------------------------------------------------------
+
+
+def _ms(seconds: float) -> str:
+    return "-" if math.isnan(seconds) else f"{seconds * 1000:.0f}"
+
+
+def _ratio(mine: float | None, theirs: float | None) -> str:
+    if mine is None or theirs is None or math.isnan(mine) or math.isnan(theirs) or theirs == 0:
+        return "-"
+    return f"{mine / theirs:.2f}"
+
+
+LATENCY_HEADERS = ["target", "done", "failed", "TTFT p50 ms", "TTFT p99 ms", "TPOT p50 ms", "TPOT p99 ms",
+                   "ITL p50 ms", "ITL p99 ms", "E2E p50 s", "E2E p99 s"]
+
+
+def latency_rows(results: dict[str, ServeMetrics]) -> list[list[object]]:
+    return [[name, m.completed, m.failed, _ms(m.ttft.median), _ms(m.ttft.at(99)), _ms(m.tpot.median),
+             _ms(m.tpot.at(99)), _ms(m.itl.median), _ms(m.itl.at(99)), f"{m.e2e.median:.2f}", f"{m.e2e.at(99):.2f}"]
+            for name, m in results.items()]
+
+
+def throughput_headers(reference: str) -> list[str]:
+    return ["target", "req/s", "out tok/s", "goodput req/s", "SLO met", f"x goodput vs {reference}",
+            "x TTFT p99", "x TPOT p99", "x out tok/s"]
+
+
+def throughput_rows(results: dict[str, ServeMetrics], reference: str) -> list[list[object]]:
+    """Each target's throughputs and its ratios to the reference target's goodput, TTFT p99, TPOT p99 and
+    output tokens per second ("-" where either side is missing or zero)."""
+    ref = results.get(reference)
+    rows: list[list[object]] = []
     for name, m in results.items():
-        def ratio(mine: float | None, theirs: float | None) -> str:
-            return f"{mine / theirs:.2f}" if mine and theirs else "-"
-
-        out.append([
-            name, m.completed, m.failed,
-            f"{m.ttft.median * 1000:.0f}", f"{m.ttft.at(99) * 1000:.0f}",
-            f"{m.tpot.median * 1000:.0f}", f"{m.tpot.at(99) * 1000:.0f}",
-            f"{m.request_goodput:.3f}" if m.request_goodput is not None else "-",
-            f"{m.slo_attainment:.2f}" if m.slo_attainment is not None else "-",
-            ratio(m.request_goodput, ref.request_goodput if ref else None),
-            ratio(m.tpot.at(99), ref.tpot.at(99) if ref else None),
+        rows.append([
+            name, f"{m.request_throughput:.3f}", f"{m.output_throughput:.1f}",
+            "-" if m.request_goodput is None else f"{m.request_goodput:.3f}",
+            "-" if m.slo_attainment is None else f"{m.slo_attainment:.0%}",
+            _ratio(m.request_goodput, ref.request_goodput if ref else None),
+            _ratio(m.ttft.at(99), ref.ttft.at(99) if ref else None),
+            _ratio(m.tpot.at(99), ref.tpot.at(99) if ref else None),
+            _ratio(m.output_throughput, ref.output_throughput if ref else None),
         ])
+    return rows
+
+
+def search_headers(reference: str, target: float) -> list[str]:
+    return ["target", f"max req/s with >= {target:.0%} in SLO", "probes", "note", f"x vs {reference}"]
+
+
+def search_rows(results: dict[str, SearchResult], reference: str) -> list[list[object]]:
+    ref = results.get(reference)
+    rows: list[list[object]] = []
+    for name, s in results.items():
+        note = "above the range" if s.saturated else ("below the range" if s.rate_rps is None else "")
+        rows.append([name, "-" if s.rate_rps is None else f"{s.rate_rps:.3f}", len(s.probes), note,
+                     _ratio(s.rate_rps, ref.rate_rps if ref else None)])
+    return rows
+
+
+def samples_json(traces: Sequence[RequestTrace]) -> dict[str, list[Any]]:
+    """Per-request figures, in request order (None where a request failed or has no TPOT)."""
+    def ms(value: float | None) -> float | None:
+        return None if value is None else value * 1000
+
+    return {
+        "ttfts_ms": [ms(t.ttft) if t.ok else None for t in traces],
+        "tpots_ms": [ms(t.tpot) if t.ok else None for t in traces],
+        "e2els_ms": [ms(t.e2e) if t.ok else None for t in traces],
+        "input_lens": [t.prompt_tokens for t in traces],
+        "output_lens": [t.output_tokens for t in traces],
+        "errors": [t.error for t in traces],
+    }
+
+
+def _run_json(run: Run) -> dict[str, Any]:
+    return {"rate_rps": rate_key(run.rate), **run.metrics.to_json(), **samples_json(run.traces)}
+
+
+def to_json(args: argparse.Namespace, plan: Plan, results: dict[str, TargetResult]) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "args": {k: v for k, v in vars(args).items() if k != "func"},
+        "reference": reference_of(list(results)),
+        "workload": {"requests": len(plan.requests), "input_tokens": sum(r.prompt_tokens for r in plan.requests),
+                     "max_tokens": sum(r.max_tokens for r in plan.requests)},
+        "results": {name: {rate_key(run.rate): _run_json(run) for run in r.runs} for name, r in results.items()},
+    }
+    if plan.search is not None:
+        out["search"] = {name: {**r.search.to_json(), "runs": [_run_json(p) for p in r.probes]}
+                         for name, r in results.items() if r.search is not None}
     return out
 
 
-HEADERS = ["target", "done", "failed", "TTFT p50 ms", "TTFT p99 ms", "TPOT p50 ms", "TPOT p99 ms",
-           "goodput req/s", "SLO met", f"goodput / {REFERENCE}", f"TPOT p99 / {REFERENCE}"]
+def print_report(plan: Plan, results: dict[str, TargetResult], describe: str) -> None:
+    reference = reference_of(list(results))
+    slo = plan.slo.to_json()
+    cap = f", at most {plan.max_concurrency} in flight" if plan.max_concurrency else ""
+    print(f"\n{len(plan.requests)} requests ({describe}), gamma-{plan.arrivals.burstiness:g} arrivals{cap}; "
+          f"SLO: TTFT <= {slo['ttft_ms']:g} ms and TPOT <= {slo['tpot_ms']:g} ms")
+    for i, rate in enumerate(plan.rates):
+        at_rate = {name: r.runs[i].metrics for name, r in results.items()}
+        print(f"\n== {rate_key(rate)} req/s ==")
+        print(table(LATENCY_HEADERS, latency_rows(at_rate)))
+        print()
+        print(table(throughput_headers(reference), throughput_rows(at_rate, reference)))
+    if plan.search is not None:
+        found = {name: r.search for name, r in results.items() if r.search is not None}
+        print(f"\n== goodput search over [{plan.search.low_rps:g}, {plan.search.high_rps:g}] req/s ==")
+        print(table(search_headers(reference, plan.search.target), search_rows(found, reference)))
+
+
+# ---- entry --------------------------------------------------------------------------------------------------
+
+
+def make_plan(args: argparse.Namespace, requests: list[BenchRequest], warmup: list[BenchRequest]) -> Plan:
+    search = None
+    if args.search:
+        search = SearchConfig(args.search[0], args.search[1], args.search_tolerance, args.search_target)
+    rates = tuple(args.rate) if args.rate else (() if search else (1.0,))
+    return Plan(requests, warmup, rates, ArrivalConfig(math.inf, args.burstiness, args.seed), args.max_concurrency,
+                args.timeout, Slo(ttft_s=args.slo_ttft_ms / 1000, tpot_s=args.slo_tpot_ms / 1000), search)
 
 
 def main(args: argparse.Namespace) -> int:
     base = load_config(args.config)
-    configs = {name: target_config(base, TARGETS[name], args.model) for name in args.targets}
-    any_config = next(iter(configs.values()))
-    requests = mixed_workload(args.requests + WARMUP, any_config.engine.max_model_len, args.seed)
-    arrivals = arrival_times(args.requests, ArrivalConfig(args.rate, args.burstiness, args.seed))
-    slo = Slo(ttft_s=args.slo_ttft_ms / 1000, tpot_s=args.slo_tpot_ms / 1000)
-    results: dict[str, ServeMetrics] = {}
-    for name, config in configs.items():
-        traces, duration = asyncio.run(run_target(config, requests[WARMUP:], arrivals, args.timeout, name))
-        results[name] = summarize(traces, duration, slo)
-    print(f"\n{args.requests} requests, Poisson-{args.burstiness:g} arrivals at {args.rate:g} req/s, mixed lengths; "
-          f"SLO: TTFT <= {args.slo_ttft_ms:g} ms and TPOT <= {args.slo_tpot_ms:g} ms")
-    print(table(HEADERS, rows(results)))
-    out = {"args": {k: v for k, v in vars(args).items() if k != "func"},
-           "results": {name: m.to_json() for name, m in results.items()}}
-    print(f"wrote {write_json(args.out, out)}")
+    specs = [TargetSpec(name, base, args.model, args.client, Path(args.out).with_suffix("").parent / "serve-logs")
+             for name in args.targets]
+    engine = specs[0].engine
+    plan = make_plan(args, build_requests(args, engine, base.router.max_tokens_limit), warmup_requests(args.seed))
+    results = {spec.name: asyncio.run(bench_target(spec, plan)) for spec in specs}
+    print_report(plan, results, describe(args))
+    data = to_json(args, plan, results)
+    print(f"wrote {write_json(args.out, data)}")
+    from pdserve.bench.plots import write_plots
+
+    for path in write_plots(data, Path(args.plots) if args.plots else Path(args.out).parent, Path(args.out).stem):
+        print(f"wrote {path}")
     return 0
 
 
 def add_parser(bsub: Any, func: Any) -> None:
-    b = bsub.add_parser("serve", help="open-loop serving benchmark: pdserve disaggregated vs colocated, same cores")
+    b = bsub.add_parser("serve", help="serving benchmark: pdserve (1P1D, colocated) and plain vLLM, same cores")
     b.add_argument("--config", help="a serve config whose engine and transfer sections the targets use")
     b.add_argument("--model", help="model folder or name (default: the config's)")
-    b.add_argument("--targets", nargs="+", default=list(TARGETS), choices=list(TARGETS))
-    b.add_argument("--rate", type=float, default=1.0, help="requests per second (inf: all at once)")
+    b.add_argument("--targets", nargs="+", default=list(TARGETS), choices=TARGETS,
+                   help=f"default: all; ratios are to {REFERENCE} (else the first listed)")
+    b.add_argument("--client", default="openai", choices=CLIENTS,
+                   help="openai: every target through its OpenAI HTTP port; grpc: pdserve targets through the SDK")
+    add_dataset_arguments(b)
+    b.add_argument("--requests", type=positive_int, default=60, help="requests per run (each rate, each search probe)")
+    b.add_argument("--rate", type=parse_rate, nargs="+", help="offered rates, req/s (inf: all at once); default 1")
     b.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of the gaps; 1 is Poisson")
-    b.add_argument("--requests", type=int, default=60)
+    b.add_argument("--max-concurrency", type=positive_int, help="at most this many requests in flight (closed loop)")
+    b.add_argument("--search", type=parse_search_rate, nargs=2, metavar=("LOW", "HIGH"),
+                   help="find the highest rate in [LOW, HIGH] with --search-target of requests in the SLO")
+    b.add_argument("--search-tolerance", type=float, default=0.1, help="req/s; the search stops this close")
+    b.add_argument("--search-target", type=float, default=0.9, help="share of requests that must meet the SLO")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--slo-ttft-ms", type=float, default=2000.0)
     b.add_argument("--slo-tpot-ms", type=float, default=200.0)
     b.add_argument("--timeout", type=float, default=600.0, help="per-request deadline, seconds")
     b.add_argument("--out", default="bench-results/serve.json")
+    b.add_argument("--plots", help="folder for the PNG plots (default: the JSON file's)")
     b.set_defaults(func=func)
