@@ -1,9 +1,10 @@
-"""`pdserve bench overhead`: what the frontend, router and Ray add to a request, against the engine in-process.
+"""`pdserve bench overhead`: what the frontend, router and request channel add to a request, against the engine
+in-process.
 
-Baseline: the same engine glue called in this process. Candidate: the SDK -> gRPC -> router -> Ray actor ->
-engine path of a one-instance deployment. Both engines load the same model with their threads bound to the
-same core (core 0; the two never run at once: requests alternate baseline, candidate, baseline, ...), so that
-neither a faster core nor machine noise favours one side.
+Baseline: the same engine glue called in this process. Candidate: the SDK -> gRPC -> router -> request channel ->
+engine (in a Ray actor) path of a one-instance deployment. Both engines load the same model with their threads
+bound to the same core (core 0; the two never run at once: requests alternate baseline, candidate, baseline,
+...), so that neither a faster core nor machine noise favours one side.
 The overhead of a request is candidate latency minus the baseline latency of its pair; its median is the
 figure to quote.
 """
@@ -123,7 +124,7 @@ def main(args: argparse.Namespace) -> int:
     result = asyncio.run(run(config, args.requests, args.max_tokens))
     rows = [
         ["engine in-process (baseline)", result["baseline_e2e_p50_s"] * 1000, 1.0],
-        ["SDK+gRPC+router+Ray (pdserve)", result["candidate_e2e_p50_s"] * 1000, result["ratio_e2e_p50"]],
+        ["SDK+gRPC+router+channel (pdserve)", result["candidate_e2e_p50_s"] * 1000, result["ratio_e2e_p50"]],
     ]
     print(f"\n{result['requests']} requests of {PROMPT_TOKENS} prompt tokens, {args.max_tokens} output tokens, greedy")
     print(table(["path", "e2e p50 ms", "ratio"], rows))

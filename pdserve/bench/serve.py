@@ -1,9 +1,10 @@
 """`pdserve bench serve`: the serving benchmark; pdserve and plain vLLM, one after another on the same cores.
 
 Contract. One invocation builds one request set (`--dataset`) and runs every target (`--targets`, see
-`serve_targets`) in turn: each is started once, warmed up with a few requests outside the set, then driven
-with the whole set once per offered rate (`--rate`, several allowed, `inf` sends all at once) and, with
-`--search LOW HIGH`, once per probe of `serve_metrics.goodput_search`, then stopped. Every run sends the same
+`serve_targets`; each a server process of its own) in turn: each is started once, warmed up with a few
+requests outside the set, then driven with the whole set once per offered rate (`--rate`, several allowed,
+`inf` sends all at once) and, with `--search LOW HIGH`, once per probe of `serve_metrics.goodput_search`,
+then stopped. Every run sends the same
 requests at the same arrival times (gamma gaps with shape `--burstiness`, as vLLM does; 1 is Poisson);
 `--max-concurrency N` holds a request that is due until fewer than N are in flight (a closed loop when the
 rate is inf). A request's send time is taken when it goes out, so client-side queueing is not in its TTFT.
@@ -297,8 +298,8 @@ def make_plan(args: argparse.Namespace, requests: list[BenchRequest], warmup: li
 
 def main(args: argparse.Namespace) -> int:
     base = load_config(args.config)
-    specs = [TargetSpec(name, base, args.model, args.client, Path(args.out).with_suffix("").parent / "serve-logs")
-             for name in args.targets]
+    logs = Path(args.out).parent / f"{Path(args.out).stem}-logs"
+    specs = [TargetSpec(name, base, args.model, args.client, logs, args.in_process) for name in args.targets]
     engine = specs[0].engine
     plan = make_plan(args, build_requests(args, engine, base.router.max_tokens_limit), warmup_requests(args.seed))
     results = {spec.name: asyncio.run(bench_target(spec, plan)) for spec in specs}
@@ -320,6 +321,8 @@ def add_parser(bsub: Any, func: Any) -> None:
                    help=f"default: all; ratios are to {REFERENCE} (else the first listed)")
     b.add_argument("--client", default="openai", choices=CLIENTS,
                    help="openai: every target through its OpenAI HTTP port; grpc: pdserve targets through the SDK")
+    b.add_argument("--in-process", action="store_true",
+                   help="deploy pdserve targets in the benchmark's process (default: `pdserve serve` in its own)")
     add_dataset_arguments(b)
     b.add_argument("--requests", type=positive_int, default=60, help="requests per run (each rate, each search probe)")
     b.add_argument("--rate", type=parse_rate, nargs="+", help="offered rates, req/s (inf: all at once); default 1")

@@ -1,0 +1,175 @@
+"""The targets `pdserve bench serve` compares, and the drivers that send them requests.
+
+Contract. `started(spec)` is an async context manager: it starts one target on this machine, yields a
+`Driver` for it, and stops the target on exit, whatever happened. A `Driver` has one method,
+`send(request, timeout) -> RequestTrace`, which never raises: a failed request comes back as a trace with an
+error. Every target is driven through its OpenAI-compatible HTTP port by the same `OpenAIDriver` (so the
+figures compare servers, not clients), except that `client="grpc"` drives a pdserve target through the
+gRPC SDK instead. The model name sent to an OpenAI server is the one its `/v1/models` reports. A pdserve target
+runs as `pdserve serve` in a process of its own (`pdserve_server`), like the vLLM peers, so that the load
+generator shares no event loop or GIL with the router; `in_process=True` deploys it in this process instead.
+
+Targets (the same cores, one after another):
+- `pdserve-disagg`: pdserve 1P1D (one prefill and one decode instance, one core each).
+- `pdserve-colocated`: pdserve with two colocated instances (one core each), the same router.
+- `vllm`: one plain vLLM OpenAI server on one core, the single-engine reference.
+- `vllm-2x`: two plain vLLM servers (one core each) behind a round-robin proxy.
+- `vllm-disagg`: vLLM's own disaggregated prefill as its example runs it (`peers.vllm_disagg_example`): a
+  producer and a consumer server (one core each) with vLLM's `ExampleConnector` (KV through files), behind a
+  proxy that prefills on the producer and then runs the request on the consumer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import time
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager as AsyncContextManager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from pdserve.bench.serve_metrics import RequestTrace
+from pdserve.bench.workload import BenchRequest
+from pdserve.config import EngineConfig, ServeConfig, config_from_dict
+
+PDSERVE_TARGETS: dict[str, dict[str, Any]] = {
+    "pdserve-disagg": {"mode": "disaggregated", "prefill_instances": 1, "decode_instances": 1},
+    "pdserve-colocated": {"mode": "colocated", "instances": 2},
+}
+PEER_TARGETS: dict[str, int] = {"vllm": 1, "vllm-2x": 2, "vllm-disagg": 2}  # vLLM servers, one core each
+TARGETS = [*PDSERVE_TARGETS, *PEER_TARGETS]
+CLIENTS = ("openai", "grpc")
+
+
+class Driver(Protocol):
+    async def send(self, request: BenchRequest, timeout: float) -> RequestTrace: ...
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    name: str  # one of TARGETS
+    base: ServeConfig  # its engine and transfer sections apply to every target
+    model: str | None  # overrides base.engine.model
+    client: str = "openai"  # "grpc": pdserve targets through the SDK
+    log_dir: Path = Path("bench-results/serve-logs")  # the servers' logs
+    in_process: bool = False  # pdserve deployed in the benchmark's own process and event loop
+
+    def __post_init__(self) -> None:
+        if self.name not in TARGETS:
+            raise ValueError(f"unknown target {self.name!r}; choose from {', '.join(TARGETS)}")
+        if self.client not in CLIENTS:
+            raise ValueError(f"unknown client {self.client!r}; choose from {', '.join(CLIENTS)}")
+        if self.client == "grpc" and self.name not in PDSERVE_TARGETS:
+            raise ValueError(f"--client grpc drives pdserve targets only, not {self.name!r}")
+
+    @property
+    def engine(self) -> EngineConfig:
+        return dataclasses.replace(self.base.engine, model=self.model) if self.model else self.base.engine
+
+
+def target_data(base: ServeConfig, workers: dict[str, Any], model: str | None) -> dict[str, object]:
+    """A pdserve target's serve config, as the YAML document `pdserve serve` reads (ports 0: any free one)."""
+    return {
+        "ray": {"num_cpus": max(4, os.cpu_count() or 2), "log_to_driver": False},
+        "engine": dataclasses.asdict(base.engine) | ({"model": model} if model else {}),
+        "workers": workers,
+        "transfer": dataclasses.asdict(base.transfer),
+        "router": {"port": 0, "http_port": 0, "metrics_port": 0, "max_tokens_limit": base.router.max_tokens_limit},
+    }
+
+
+class GrpcDriver:
+    """A pdserve target through the gRPC SDK (async context manager)."""
+
+    def __init__(self, target: str) -> None:
+        from pdserve_client import AsyncClient
+
+        self._client = AsyncClient(target)
+
+    async def __aenter__(self) -> GrpcDriver:
+        await self._client.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._client.__aexit__(*exc)
+
+    async def send(self, request: BenchRequest, timeout: float) -> RequestTrace:
+        prompt = request.prompt if isinstance(request.prompt, str) else list(request.prompt)
+        sent = time.monotonic()
+        times: list[float] = []
+        tokens: list[int] = []
+        try:
+            async for chunk in self._client.generate(prompt, max_tokens=request.max_tokens, temperature=0.0,
+                                                     ignore_eos=True, timeout=timeout):
+                if chunk.token_ids:
+                    times.append(time.monotonic())
+                    tokens.append(len(chunk.token_ids))
+        except Exception as e:  # a failed request is part of the result, counted by its error
+            return RequestTrace(sent, tuple(times), tuple(tokens), request.prompt_tokens, error=type(e).__name__)
+        if not times:
+            return RequestTrace(sent, (), (), request.prompt_tokens, error="EmptyStream")
+        return RequestTrace(sent, tuple(times), tuple(tokens), request.prompt_tokens)
+
+
+async def served_model(base_url: str) -> str:
+    """The first model an OpenAI-compatible server lists at /v1/models."""
+    import aiohttp
+
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30.0)) as http, \
+            http.get(f"{base_url}/models") as reply:
+        reply.raise_for_status()
+        return str((await reply.json())["data"][0]["id"])
+
+
+@contextlib.asynccontextmanager
+async def _openai(base_url: str) -> AsyncIterator[Driver]:
+    from pdserve.bench.openai_driver import OpenAIDriver
+
+    async with OpenAIDriver(base_url, await served_model(base_url)) as driver:
+        yield driver
+
+
+def _pdserve_driver(spec: TargetSpec, grpc_target: str, base_url: str) -> AsyncContextManager[Driver]:
+    return GrpcDriver(grpc_target) if spec.client == "grpc" else _openai(base_url)
+
+
+@contextlib.asynccontextmanager
+async def _pdserve(spec: TargetSpec) -> AsyncIterator[Driver]:
+    data = target_data(spec.base, PDSERVE_TARGETS[spec.name], spec.model)
+    if not spec.in_process:  # its own process, as a user runs it and as the vLLM peers run
+        from pdserve.bench.pdserve_server import pdserve_server
+
+        async with pdserve_server(data, spec.log_dir / spec.name / "pdserve.log") as (grpc_target, base_url), \
+                _pdserve_driver(spec, grpc_target, base_url) as driver:
+            yield driver
+        return
+    from pdserve.cluster import deploy
+
+    dep = await deploy(config_from_dict(data))
+    try:
+        async with _pdserve_driver(spec, dep.target, f"http://127.0.0.1:{dep.http_port}/v1") as driver:
+            yield driver
+    finally:
+        await dep.stop()
+
+
+@contextlib.asynccontextmanager
+async def _peer(spec: TargetSpec) -> AsyncIterator[Driver]:
+    from pdserve.bench.peers import vllm_disagg_example, vllm_openai  # here: pdserve targets run without them
+    from pdserve.models import resolve_model
+
+    engine = spec.engine
+    model_dir = str(resolve_model(engine.model))
+    log_dir = spec.log_dir / spec.name
+    async with contextlib.AsyncExitStack() as stack:
+        servers = (vllm_disagg_example(engine, model_dir, 1, log_dir) if spec.name == "vllm-disagg"
+                   else vllm_openai(engine, model_dir, PEER_TARGETS[spec.name], 1, log_dir))
+        base_url = await stack.enter_async_context(servers)
+        yield await stack.enter_async_context(_openai(base_url))
+
+
+def started(spec: TargetSpec) -> AsyncContextManager[Driver]:
+    return _pdserve(spec) if spec.name in PDSERVE_TARGETS else _peer(spec)

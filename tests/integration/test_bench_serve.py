@@ -1,0 +1,51 @@
+"""`pdserve bench serve` end to end on the tiny model: both pdserve targets, two rates, a concurrency cap.
+
+Every request completes at every rate on both targets; the JSON holds each target at each rate, the printed
+report names both targets, and the latency CDFs and the rate plot are PNG files.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from pdserve.cli import main
+from tests.conftest import TINY_ENGINE
+
+pytestmark = pytest.mark.integration
+
+TARGETS = ["pdserve-disagg", "pdserve-colocated"]
+REQUESTS = 6
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_serve_runs_both_pdserve_targets_at_two_rates(tiny_model, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({"engine": {"model": str(tiny_model), **TINY_ENGINE},
+                                      "router": {"max_tokens_limit": 512}}))
+    out = tmp_path / "serve.json"
+    code = main(["bench", "serve", "--config", str(config), "--targets", *TARGETS, "--requests", str(REQUESTS),
+                 "--dataset", "random", "--input-len", "48", "--output-len", "8", "--range-ratio", "0.5",
+                 "--rate", "4", "8", "--max-concurrency", "3", "--timeout", "120", "--out", str(out)])
+    assert code == 0
+
+    data = json.loads(out.read_text())
+    assert data["reference"] == "pdserve-disagg"
+    assert sorted(data["results"]) == sorted(TARGETS)
+    for target in TARGETS:
+        assert sorted(data["results"][target]) == ["4", "8"]
+        for run in data["results"][target].values():
+            assert (run["completed"], run["failed"]) == (REQUESTS, 0), run["errors"]
+            assert len(run["ttfts_ms"]) == REQUESTS and run["total_output_tokens"] > 0
+
+    plots = sorted(p.name for p in tmp_path.glob("*.png"))
+    assert plots == ["serve-cdf-4.png", "serve-cdf-8.png", "serve-rates.png"]
+    assert all((tmp_path / name).read_bytes().startswith(PNG) for name in plots)
+
+    printed = capsys.readouterr().out
+    assert "== 4 req/s ==" in printed and "== 8 req/s ==" in printed
+    for target in TARGETS:
+        assert printed.count(target) >= 4  # in both tables at both rates
