@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="benchmarks")
     bsub = p.add_subparsers(dest="bench_command", required=True)
-    b = bsub.add_parser("overhead", help="frontend+router+Ray overhead per request vs the engine in-process")
+    b = bsub.add_parser("overhead", help="frontend+router+channel overhead per request vs the engine in-process")
     b.add_argument("--requests", type=int, default=100)
     b.add_argument("--max-tokens", type=int, default=8)
     b.add_argument("--model", default=None, help="model folder; default: the embedded default model")
