@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint proto bench-overhead fuzz chaos clean prometheus
+.PHONY: demo test test-fast lint proto bench-overhead bench-serve fuzz chaos clean prometheus
 
 # The Prometheus tests run the real server and promtool (Debian's package). The tests start their own server, so
 # the system service the package installs is disabled where systemd runs.
@@ -53,6 +53,11 @@ proto: $(STAMP)
 
 bench-overhead: $(STAMP)
 	$(BIN)/pdserve bench overhead
+
+# The README's serving table: pdserve (1P1D, colocated), vLLM (one server, two behind a proxy), vLLM's own
+# disaggregated example; SmolLM2 on this machine's cores, 40 requests of the mixed workload at 0.2 req/s each.
+bench-serve: $(STAMP)
+	$(BIN)/pdserve bench serve --rate 0.2 --requests 40 --slo-ttft-ms 5000 --slo-tpot-ms 250
 
 # The long fuzz run: 2,000 examples in each of the 5 fuzz tests, 10,000 cases (`make test` runs 150 each).
 fuzz: $(STAMP)

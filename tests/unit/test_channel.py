@@ -143,3 +143,56 @@ def test_garbage_and_oversized_frames_are_dropped_and_the_worker_goes_on() -> No
         assert (await stream.next()).token_ids == [9]
 
     run(body)
+
+
+def test_calls_one_after_another_share_one_connection() -> None:
+    async def body(worker: Worker, server: ChannelServer, channel: WorkerChannel, address: str) -> None:
+        for i in range(3):
+            stream = channel.generate(f"g{i}", [5, 6], SAMPLING)
+            assert [(await stream.next()).token_ids for _ in range(2)] == [[5], [6]]
+            assert (await channel.prefill(f"p{i}", [i], SAMPLING, {})).token_ids == [i + 1]
+        assert server.connections == 1
+
+    run(body)
+
+
+def test_a_cancelled_or_failed_call_s_connection_is_not_used_again() -> None:
+    async def body(worker: Worker, server: ChannelServer, channel: WorkerChannel, address: str) -> None:
+        stream = channel.generate("r1", [-2], SAMPLING)
+        await stream.next()
+        stream.cancel()
+        await asyncio.wait_for(worker.cancelled.wait(), 5.0)
+        with pytest.raises(EngineFailure, match="the engine broke"):
+            await channel.generate("r2", [-1], SAMPLING).next()
+        assert (await channel.generate("r3", [4], SAMPLING).next()).token_ids == [4]
+        assert server.connections == 3
+
+    run(body)
+
+
+def test_concurrent_calls_each_have_a_connection_and_the_idle_ones_are_capped(monkeypatch) -> None:
+    monkeypatch.setattr("pdserve.channel.MAX_IDLE", 2)
+
+    async def three(channel: WorkerChannel, tag: str) -> list[list[int]]:
+        streams = [channel.generate(f"{tag}{i}", [i, i], SAMPLING) for i in range(3)]
+        firsts = [(await s.next()).token_ids for s in streams]  # all three open at once
+        return firsts + [(await s.next()).token_ids for s in streams]
+
+    async def body(worker: Worker, server: ChannelServer, channel: WorkerChannel, address: str) -> None:
+        assert await three(channel, "a") == [[0], [1], [2]] * 2
+        assert server.connections == 3
+        assert await three(channel, "b") == [[0], [1], [2]] * 2
+        assert server.connections == 4  # two kept idle, one opened
+
+    run(body)
+
+
+def test_an_idle_connection_to_a_worker_that_stopped_is_a_lost_worker() -> None:
+    async def body(worker: Worker, server: ChannelServer, channel: WorkerChannel, address: str) -> None:
+        assert (await channel.generate("r1", [1], SAMPLING).next()).token_ids == [1]
+        await server.stop()
+        with pytest.raises(WorkerGone, match=f"the worker at {address}"):
+            await channel.generate("r2", [1], SAMPLING).next()
+        await channel.close()
+
+    run(body)
