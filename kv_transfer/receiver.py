@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from pdserve.kv_transfer.drain import drain
 from pdserve.kv_transfer.link import Link, Listener
 from pdserve.kv_transfer.params import RecvSpec, layer_key
 from pdserve.kv_transfer.ticket import Epochs, StaleEpoch
@@ -70,17 +71,7 @@ class Receiver:
 
     def completed(self, timeout: float = 0.0) -> list[Landed]:
         """Loads finished since the last call; waits up to `timeout` seconds for the first one."""
-        done = []
-        if timeout > 0:
-            try:
-                done.append(self._done.get(timeout=timeout))
-            except queue.Empty:
-                return done
-        while True:
-            try:
-                done.append(self._done.get_nowait())
-            except queue.Empty:
-                return done
+        return drain(self._done, timeout)
 
     def release(self, transfer_ids: Sequence[str], num_layers: int) -> int:
         """Frees whatever arrived for these transfers and is not claimed, and refuses what is still to come.

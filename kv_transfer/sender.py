@@ -20,8 +20,9 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from pdserve.kv_transfer.drain import drain
 from pdserve.kv_transfer.params import SendSpec, layer_key
 from pdserve.kv_transfer.transport import PeerGone, Transport, TransportError, TransportTimeout
 
@@ -43,6 +44,7 @@ class Outgoing:
     first_send: float = 0.0  # wall-clock times
     last_send: float = 0.0
     compute_end: float = 0.0  # when the forward that computed the KV returned
+    send_seconds: list[float] = field(default_factory=list)  # each layer's time inside send, in sending order
     error: str = ""
     done: bool = False
 
@@ -50,7 +52,7 @@ class Outgoing:
         return {
             "transfer_id": self.spec.transfer_id, "bytes": self.bytes, "busy": self.busy, "layers": self.sent_layers,
             "first_send": self.first_send, "last_send": self.last_send, "compute_end": self.compute_end,
-            "error": self.error,
+            "send_seconds": list(self.send_seconds), "error": self.error,
         }
 
 
@@ -71,12 +73,7 @@ class Sender:
 
     def completed(self) -> list[Outgoing]:
         """Requests whose every layer was handled since the last call."""
-        done = []
-        while True:
-            try:
-                done.append(self._done.get_nowait())
-            except queue.Empty:
-                return done
+        return drain(self._done)
 
     def close(self) -> None:
         self._work.put(None)
@@ -117,6 +114,7 @@ class Sender:
         out.first_send = out.first_send or start
         out.last_send = time.time()
         out.busy += out.last_send - start
+        out.send_seconds.append(out.last_send - start)
         out.sent_layers += 1
         out.bytes += sum(len(v) for v in views)
         if fault == DROP:

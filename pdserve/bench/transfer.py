@@ -10,6 +10,8 @@ Figures, medians over requests:
   KV, paced or not by the forward pass); ratio to raw (goal >= 0.8).
 - exposed share = (last byte sent - end of the forward) / (last byte sent - first byte sent): the part of the
   transfer the forward pass did not hide (goal <= 0.3 with layer-wise streaming on; about 1 with it off).
+- one layer's send: p50 and p99 over every layer of every request, and the share of all send time spent in
+  stalled sends (over 3x the median): where the throughput is lost to waits, not to moving bytes.
 
     pdserve bench transfer [--model PATH] [--prompt-tokens 1024] [--requests 8]
 """
@@ -44,6 +46,7 @@ class Sample:
     span_s: float  # first byte sent -> last byte sent
     exposed_s: float  # end of the forward -> last byte sent
     prefill_compute_s: float
+    send_seconds: tuple[float, ...] = ()  # each layer's time inside send
 
     @property
     def gbps(self) -> float:
@@ -73,7 +76,7 @@ async def _one(dep: Any, rid: str, prompt: list[int], layerwise: bool) -> Sample
     span = sent["last_send"] - sent["first_send"]
     exposed = max(0.0, sent["last_send"] - sent["compute_end"])
     return Sample(layerwise, int(sent["bytes"]), int(sent["layers"]), float(sent["busy"]), span, exposed,
-                  first.compute)
+                  first.compute, tuple(sent["send_seconds"]))
 
 
 async def _real(config: ServeConfig, prompt_tokens: int, requests: int) -> list[Sample]:
@@ -91,6 +94,20 @@ async def _real(config: ServeConfig, prompt_tokens: int, requests: int) -> list[
         return samples
     finally:
         await dep.stop()
+
+
+def layer_sends(samples: list[Sample], stall_factor: float = 3.0) -> dict[str, float]:
+    """One layer's time inside send over all `samples`: p50, p99, and the share of the total spent in stalled
+    sends (over `stall_factor` x the median), where the sender thread waited rather than moved bytes."""
+    times = [t for s in samples for t in s.send_seconds]
+    if not times:
+        return {"p50_us": 0.0, "p99_us": 0.0, "stalled_share": 0.0}
+    p50 = percentile(times, 50)
+    return {
+        "p50_us": p50 * 1e6,
+        "p99_us": percentile(times, 99) * 1e6,
+        "stalled_share": sum(t for t in times if t > stall_factor * p50) / sum(times),
+    }
 
 
 def summarize(samples: list[Sample], raw: dict[str, Any], transport: str) -> dict[str, Any]:
@@ -113,6 +130,8 @@ def summarize(samples: list[Sample], raw: dict[str, Any], transport: str) -> dic
         "transfer_span_ms_layerwise": med([s.span_s * 1000 for s in on]),
         "transfer_span_ms_whole": med([s.span_s * 1000 for s in off]),
         "prefill_compute_ms": med([s.prefill_compute_s * 1000 for s in samples]),
+        "layer_sends_layerwise": layer_sends(on),
+        "layer_sends_whole": layer_sends(off),
         "kv_bytes_per_request": med([float(s.bytes) for s in samples]),
         "samples": [dataclasses.asdict(s) for s in samples],
         "raw": raw,
@@ -157,4 +176,7 @@ def _print(r: dict[str, Any], transport: str) -> None:
         ["whole KV after the forward", f"{r['exposed_share_whole']:.2f}", f"{r['transfer_span_ms_whole']:.1f}", ""],
     ]
     print(table(["mode", "exposed share", "transfer span ms", "goal"], rows))
+    rows = [[mode, f"{r[key]['p50_us']:.0f}", f"{r[key]['p99_us']:.0f}", f"{r[key]['stalled_share']:.2f}"]
+            for mode, key in (("layer-wise", "layer_sends_layerwise"), ("whole", "layer_sends_whole"))]
+    print(table(["one layer's send", "p50 us", "p99 us", "share of send time in stalls (> 3x p50)"], rows))
     print(f"prefill compute (median): {r['prefill_compute_ms']:.1f} ms")
