@@ -37,20 +37,19 @@ class Outgoing:
     req_id: str
     spec: SendSpec
     layers: int
-    sent_layers: int = 0
     handled: int = 0
     bytes: int = 0
-    busy: float = 0.0  # seconds spent inside the link's send: what the bytes cost the transport
     first_send: float = 0.0  # wall-clock times
     last_send: float = 0.0
     compute_end: float = 0.0  # when the forward that computed the KV returned
-    send_seconds: list[float] = field(default_factory=list)  # each layer's time inside send, in sending order
+    send_seconds: list[float] = field(default_factory=list)  # each sent layer's time inside the link's send
     error: str = ""
     done: bool = False
 
     def record(self) -> dict[str, object]:
         return {
-            "transfer_id": self.spec.transfer_id, "bytes": self.bytes, "busy": self.busy, "layers": self.sent_layers,
+            "transfer_id": self.spec.transfer_id, "bytes": self.bytes, "busy": sum(self.send_seconds),
+            "layers": len(self.send_seconds),
             "first_send": self.first_send, "last_send": self.last_send, "compute_end": self.compute_end,
             "send_seconds": list(self.send_seconds), "error": self.error,
         }
@@ -113,9 +112,7 @@ class Sender:
             return
         out.first_send = out.first_send or start
         out.last_send = time.time()
-        out.busy += out.last_send - start
         out.send_seconds.append(out.last_send - start)
-        out.sent_layers += 1
         out.bytes += sum(len(v) for v in views)
         if fault == DROP:
             self._drop(out.spec.peer)
