@@ -2,7 +2,9 @@
 
 Thread pinning: instance i reserves `cpus_per_instance` Ray CPUs and its engine's OpenMP threads are bound
 to cores [i*c, (i+1)*c) modulo the node's cores (`VLLM_CPU_OMP_THREADS_BIND`), with no core held back
-(`VLLM_CPU_NUM_OF_RESERVED_CPU=0`). Two instances on a 2-core machine thus get one core each.
+(`VLLM_CPU_NUM_OF_RESERVED_CPU=0`). Two instances on a 2-core machine thus get one core each. Cores left
+over (one instance on two cores, say) take the actors' own threads (`PDSERVE_ACTOR_CPUS`, bound by the actor
+once its engine runs); with no core left over those float.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 import grpc
 import ray
 
+from pdserve.affinity import ACTOR_CPUS_ENV
 from pdserve.channel import WorkerChannel
 from pdserve.config import EngineConfig, RayConfig, ServeConfig, TransferConfig, WorkersConfig
 from pdserve.decode.worker import DecodeWorker
@@ -64,9 +67,10 @@ def worker_env(index: int, workers: WorkersConfig, engine: EngineConfig, node_cp
         "VLLM_USE_AOT_COMPILE": "0",
     }
     if workers.bind_threads:
-        c = workers.cpus_per_instance
-        cores = sorted({(index * c + k) % node_cpus for k in range(c)})
-        env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(str(core) for core in cores)
+        env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(str(core) for core in workers.engine_cores(index, node_cpus))
+        spare = workers.spare_cores(node_cpus)
+        if spare:  # the actor's own threads stay off every engine's core (bound once its engine runs)
+            env[ACTOR_CPUS_ENV] = ",".join(str(core) for core in spare)
     return env
 
 

@@ -56,7 +56,8 @@ class WorkersConfig:
 
     Each instance is a Ray actor reserving `cpus_per_instance` CPUs; its engine's OpenMP threads are bound to
     its own cores (instance i gets cores [i*c, (i+1)*c) modulo the node's cores), so instances never
-    oversubscribe a core.
+    oversubscribe a core. The actors' own threads (request channel, engine client) are bound to the cores no
+    engine has, when there are any, so that they never take an engine's core between its steps.
     """
 
     mode: Literal["colocated", "disaggregated"] = "disaggregated"
@@ -74,6 +75,23 @@ class WorkersConfig:
                 raise ValueError(f"workers.{name} must be >= 1, got {getattr(self, name)}")
         if self.cpus_per_instance < 1:
             raise ValueError(f"workers.cpus_per_instance must be >= 1, got {self.cpus_per_instance}")
+
+    @property
+    def count(self) -> int:
+        """How many instances the pool has, in either mode."""
+        return self.instances if self.mode == "colocated" else self.prefill_instances + self.decode_instances
+
+    def engine_cores(self, index: int, node_cpus: int) -> list[int]:
+        """The cores instance `index`'s engine threads are bound to on a node of `node_cpus` cores."""
+        c = self.cpus_per_instance
+        return sorted({(index * c + k) % node_cpus for k in range(c)})
+
+    def spare_cores(self, node_cpus: int) -> list[int]:
+        """The node's cores no engine is bound to (none when binding is off: then nothing is bound)."""
+        if not self.bind_threads:
+            return []
+        taken = {core for i in range(self.count) for core in self.engine_cores(i, node_cpus)}
+        return [core for core in range(node_cpus) if core not in taken]
 
 
 @dataclass(frozen=True)

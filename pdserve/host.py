@@ -16,6 +16,7 @@ from typing import Any
 import ray
 
 from pdserve import channel
+from pdserve.affinity import ACTOR_CPUS_ENV, bind_process, parse_cores
 from pdserve.config import EngineConfig
 from pdserve.engine import Engine, EngineInfo, EngineStats, KVRole
 from pdserve.kv_transfer.transport import SECRET_ENV
@@ -41,6 +42,9 @@ class EngineHost:
             await self._engine.start_kv()
             self._server, address = await channel.serve(self, ray.util.get_node_ip_address(), os.environ[SECRET_ENV])
             self._engine.info = dataclasses.replace(self._engine.info, request_address=address)
+            # Bound only now: the engine's processes, started above, must not inherit these cores.
+            if os.environ.get(ACTOR_CPUS_ENV):
+                bind_process(parse_cores(os.environ[ACTOR_CPUS_ENV]))
         return self._engine.info
 
     def _ready(self) -> Engine:

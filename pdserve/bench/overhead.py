@@ -4,7 +4,9 @@ in-process.
 Baseline: the same engine glue called in this process. Candidate: the SDK -> gRPC -> router -> request channel ->
 engine (in a Ray actor) path of a one-instance deployment. Both engines load the same model with their threads
 bound to the same core (core 0; the two never run at once: requests alternate baseline, candidate, baseline,
-...), so that neither a faster core nor machine noise favours one side.
+...), so that neither a faster core nor machine noise favours one side. What runs beside each engine is bound
+to the other cores: the worker actor's threads (as in every deployment with cores to spare), and this process
+(SDK, router, the baseline's engine client) once everything has started.
 The overhead of a request is candidate latency minus the baseline latency of its pair; its median is the
 figure to quote.
 """
@@ -22,7 +24,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from pdserve.bench.report import percentile, table, write_json
+from pdserve.affinity import bind_process
+from pdserve.bench.report import median_interval, percentile, table, write_json
 from pdserve.config import EngineConfig, ServeConfig, config_from_dict
 from pdserve.models import cache_dir, make_tiny_llama
 
@@ -69,6 +72,7 @@ async def run(config: ServeConfig, requests: int, max_tokens: int) -> dict[str, 
     except BaseException:
         engine.shutdown()
         raise
+    bind_process(set(config.workers.spare_cores(os.cpu_count() or 1)))
     rng = random.Random(0)
     samples: dict[str, list[tuple[float, float]]] = {"baseline": [], "candidate": []}
     try:
@@ -99,6 +103,8 @@ def summarize(samples: dict[str, list[tuple[float, float]]], max_tokens: int) ->
         "candidate_e2e_p50_s": p50["candidate"],
         "ratio_e2e_p50": p50["candidate"] / p50["baseline"],
         "overhead_p50_s": percentile(overhead, 50),
+        # The spread of single requests is much wider than the overhead itself: say how well the median is known.
+        "overhead_p50_ci95_s": median_interval(overhead, 0.95),
         "overhead_p90_s": percentile(overhead, 90),
         "ttft_overhead_p50_s": percentile(ttft_overhead, 50),
         # What each token after the first adds: (request overhead - first-token overhead) / (tokens - 1).
@@ -126,10 +132,12 @@ def main(args: argparse.Namespace) -> int:
         ["engine in-process (baseline)", result["baseline_e2e_p50_s"] * 1000, 1.0],
         ["SDK+gRPC+router+channel (pdserve)", result["candidate_e2e_p50_s"] * 1000, result["ratio_e2e_p50"]],
     ]
+    lo, hi = result["overhead_p50_ci95_s"]
     print(f"\n{result['requests']} requests of {PROMPT_TOKENS} prompt tokens, {args.max_tokens} output tokens, greedy")
     print(table(["path", "e2e p50 ms", "ratio"], rows))
     print(
-        f"overhead per request: p50 {result['overhead_p50_s'] * 1000:.2f} ms, "
+        f"overhead per request: p50 {result['overhead_p50_s'] * 1000:.2f} ms "
+        f"(95% interval {lo * 1000:.2f} to {hi * 1000:.2f} ms), "
         f"p90 {result['overhead_p90_s'] * 1000:.2f} ms; of which first token p50 "
         f"{result['ttft_overhead_p50_s'] * 1000:.2f} ms, each further token p50 "
         f"{result['per_token_overhead_p50_s'] * 1000:.2f} ms"

@@ -65,3 +65,17 @@ def test_top_level_must_be_a_mapping(tmp_path):
 def test_disaggregation_settings_are_checked(section, values, message):
     with pytest.raises(ValueError, match=message):
         config_from_dict({section: values})
+
+
+@pytest.mark.parametrize("workers, node_cpus, engines, spare", [
+    ({"mode": "colocated", "instances": 1}, 2, [[0]], [1]),
+    ({"mode": "colocated", "instances": 2}, 2, [[0], [1]], []),
+    ({"prefill_instances": 1, "decode_instances": 1}, 4, [[0], [1]], [2, 3]),
+    ({"prefill_instances": 2, "decode_instances": 2}, 2, [[0], [1], [0], [1]], []),  # wraps around the node
+    ({"mode": "colocated", "instances": 1, "cpus_per_instance": 2}, 3, [[0, 1]], [2]),
+    ({"mode": "colocated", "instances": 1, "bind_threads": False}, 2, [[0]], []),  # nothing bound at all
+])
+def test_engines_get_their_own_cores_and_actors_get_the_rest(workers, node_cpus, engines, spare):
+    config = config_from_dict({"workers": workers}).workers
+    assert [config.engine_cores(i, node_cpus) for i in range(config.count)] == engines
+    assert config.spare_cores(node_cpus) == spare
