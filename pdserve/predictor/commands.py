@@ -18,7 +18,7 @@ def add_parsers(sub: Any, label: Command, train: Command, evaluate: Command) -> 
     c.add_argument("--prompts", type=int, default=2000, help="records the file grows to")
     c.add_argument("--samples", type=int, default=4, help="samples per prompt")
     c.add_argument("--out", default="data/predictor/labels.jsonl")
-    c.add_argument("--batch", type=int, default=32, help="prompts per engine call (and per flush)")
+    c.add_argument("--batch", type=int, default=32, help="prompts in the engine at once")
     c.add_argument("--temperature", type=float, default=1.0, help="the served default")
     c.add_argument("--max-tokens", type=int, default=512)
     c.add_argument("--max-prompt-tokens", type=int, default=1024)

@@ -1,15 +1,16 @@
 """`pdserve predictor label`: output lengths of the served model over ShareGPT prompts, resumable.
 
-The served model runs offline in one plain `vllm.LLM` (batched; `--batch` prompts per call, every prompt sampled
-`--samples` times with vLLM's `n`). Each prompt is the first human turn of a ShareGPT conversation with the chat
-template applied, as the router applies it to a chat request. Sampling is the served default, temperature 1.0
+The served model runs offline in one plain `vllm.LLM` (continuous batching: `--batch` prompts in the engine at
+once, every prompt sampled `--samples` times with vLLM's `n`, a finished prompt replaced by the next at once).
+Each prompt is the first human turn of a ShareGPT conversation with the chat template applied, as the router
+applies it to a chat request. Sampling is the served default, temperature 1.0
 and top_p 1.0 (what a request that names no temperature gets), so the labels describe the lengths the router
 will see; each prompt's seed derives from its key, so a prompt's samples do not depend on its batch. Outputs stop
 at `--max-tokens` (512 by default) and the record says which samples were capped there.
 
 Prompts are taken in `labels.labelling_order`, skipping those whose templated length exceeds
-`--max-prompt-tokens`, until the file holds `--prompts` records. Records are appended and synced after every
-batch; a rerun with the same file skips the keys it holds (and repairs a last line cut by an interruption), so
+`--max-prompt-tokens`, until the file holds `--prompts` records. Records are appended and synced as each prompt
+finishes; a rerun with the same file skips the keys it holds (and repairs a last line cut by an interruption), so
 `--prompts` is the size the file grows to, not a count to add. A file labelled with other settings is refused.
 """
 
@@ -18,7 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,38 +69,50 @@ def _pending(config: LabelConfig, tokenizer: Any, done: set[str]) -> Iterator[tu
             yield key, prompt, ids
 
 
-def _batches(items: Iterator[tuple[str, str, list[int]]], size: int, limit: int) -> Iterator[list[Any]]:
-    batch: list[Any] = []
-    for taken, item in enumerate(items):
-        if taken >= limit:
-            break
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
-def _label_batch(llm: Any, config: LabelConfig, batch: Sequence[tuple[str, str, list[int]]]) -> list[LabelRecord]:
+def _params(config: LabelConfig, key: str) -> Any:
     from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
 
-    params = [
-        SamplingParams(n=config.samples, temperature=config.temperature, max_tokens=config.max_tokens,
-                       seed=(int(key[:8], 16) + config.seed) % 2**31, detokenize=False)
-        for key, _, _ in batch
-    ]
-    outputs = llm.generate([{"prompt_token_ids": ids} for _, _, ids in batch], params, use_tqdm=False)
-    records = []
-    for (key, prompt, ids), out in zip(batch, outputs, strict=True):
-        samples = sorted(out.outputs, key=lambda o: o.index)
-        records.append(LabelRecord(
-            id=key, split=split_of(key), prompt=prompt, prompt_tokens=len(ids),
-            lengths=tuple(len(o.token_ids) for o in samples),
-            capped=tuple(o.finish_reason == "length" for o in samples),
-            settings=config.settings,
-        ))
-    return records
+    return SamplingParams(n=config.samples, temperature=config.temperature, max_tokens=config.max_tokens,
+                          seed=(int(key[:8], 16) + config.seed) % 2**31, detokenize=False,
+                          output_kind=RequestOutputKind.FINAL_ONLY)
+
+
+def _label_stream(llm: Any, config: LabelConfig, items: Iterator[tuple[str, str, list[int]]],
+                  limit: int) -> Iterator[LabelRecord]:
+    """Labels up to `limit` of `items`, yielding each prompt's record as soon as all its samples finished.
+
+    Continuous batching: `config.batch` prompts are in the engine at any time, a finished one replaced by the next
+    at once, so the batch never drains down to its longest sample as it would with one engine call per batch."""
+    core = llm.llm_engine
+    in_flight: dict[str, tuple[str, str, list[int]]] = {}
+    taken = 0
+
+    def top_up() -> None:
+        nonlocal taken
+        while len(in_flight) < config.batch and taken < limit:
+            item = next(items, None)
+            if item is None:
+                return
+            key, _, ids = item
+            core.add_request(key, {"prompt_token_ids": ids}, _params(config, key))
+            in_flight[key] = item  # outputs carry the id given here (the engine's own id adds a suffix)
+            taken += 1
+
+    top_up()
+    while in_flight:
+        for out in core.step():
+            if not out.finished:
+                continue
+            key, prompt, ids = in_flight.pop(out.request_id)
+            samples = sorted(out.outputs, key=lambda o: o.index)
+            yield LabelRecord(
+                id=key, split=split_of(key), prompt=prompt, prompt_tokens=len(ids),
+                lengths=tuple(len(o.token_ids) for o in samples),
+                capped=tuple(o.finish_reason == "length" for o in samples),
+                settings=config.settings,
+            )
+        top_up()
 
 
 def remaining(config: LabelConfig) -> int:
@@ -149,11 +162,10 @@ def label(config: LabelConfig, llm: Any) -> int:
     written = 0
     with LabelWriter(config.out) as writer, tqdm(total=config.prompts, initial=len(existing), unit="prompt",
                                                   desc="labelling") as bar:
-        for batch in _batches(_pending(config, tokenizer, {r.id for r in existing}), config.batch, todo):
-            records = _label_batch(llm, config, batch)
-            writer.write(records)
-            written += len(records)
-            bar.update(len(records))
+        for record in _label_stream(llm, config, _pending(config, tokenizer, {r.id for r in existing}), todo):
+            writer.write([record])
+            written += 1
+            bar.update(1)
     return written
 
 

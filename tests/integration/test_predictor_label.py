@@ -23,7 +23,8 @@ def test_label_resume_train_and_eval(tiny_model, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0")
     monkeypatch.setenv("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
     out = tmp_path / "labels.jsonl"
-    config = LabelConfig(model=str(tiny_model), out=out, prompts=2, samples=2, batch=2, max_tokens=MAX_TOKENS,
+    # One prompt in the engine at a time: each finished prompt is replaced by the next one.
+    config = LabelConfig(model=str(tiny_model), out=out, prompts=2, samples=2, batch=1, max_tokens=MAX_TOKENS,
                          max_prompt_tokens=512, kv_cache_gib=0.25)
     grown = dataclasses.replace(config, prompts=4)
     llm = engine(config)
