@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -169,12 +170,19 @@ def label(config: LabelConfig, llm: Any) -> int:
     return written
 
 
+def _exit_on_sigterm() -> None:
+    """SIGTERM ends a run as Ctrl-C does, through the `finally` that shuts the engine down: left to the default
+    action, the engine's processes outlive the labeller and keep both cores busy."""
+    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
+
+
 def main(args: argparse.Namespace) -> int:
     config = LabelConfig(model=args.model, out=Path(args.out), prompts=args.prompts, samples=args.samples,
                          batch=args.batch, temperature=args.temperature, max_tokens=args.max_tokens,
                          max_prompt_tokens=args.max_prompt_tokens, kv_cache_gib=args.kv_cache_gib, seed=args.seed)
     written = 0
     if remaining(config) > 0:
+        _exit_on_sigterm()
         llm = engine(config)
         try:
             written = label(config, llm)

@@ -4,10 +4,18 @@ One engine serves both labelling passes: what resumes is the file, not the proce
 on four random-model prompts mean nothing; the test checks that every stage runs and what each writes.
 """
 
+import contextlib
 import dataclasses
 import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
 from collections import Counter
 
+import psutil
 import pytest
 
 from pdserve.cli import main as cli
@@ -84,3 +92,39 @@ def test_a_batch_longer_than_one_engine_step(tiny_model, tmp_path, monkeypatch):
     step = llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
     assert sum(r.prompt_tokens for r in records) * config.samples > step  # so some step could not take them all
     assert all(len(r.lengths) == 4 and all(1 <= n <= 2 for n in r.lengths) for r in records)
+
+
+def _read_until(stream, marker: bytes, timeout: float) -> bytes:
+    """What `stream` (a pipe) gave until `marker` appeared in it; fails after `timeout` seconds or at its end."""
+    seen, deadline = b"", time.monotonic() + timeout
+    while marker not in seen:
+        ready, _, _ = select.select([stream], [], [], max(0.0, deadline - time.monotonic()))
+        chunk = os.read(stream.fileno(), 65536) if ready else b""
+        assert chunk, f"no {marker!r} within {timeout} s; got: {seen[-2000:]!r}"
+        seen += chunk
+    return seen
+
+
+def test_a_terminated_run_takes_its_engine_down(tiny_model, tmp_path):
+    """SIGTERM (a scheduler stopping the job) mid-run: the labeller exits and no engine process outlives it."""
+    env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": "0", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+    run = subprocess.Popen(
+        [sys.executable, "-m", "pdserve.cli", "predictor", "label", "--model", str(tiny_model), "--out",
+         str(tmp_path / "labels.jsonl"), "--prompts", "200", "--samples", "2", "--batch", "4", "--max-tokens", "512",
+         "--max-prompt-tokens", "512", "--kv-cache-gib", "0.25"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    engine_processes: list[psutil.Process] = []
+    try:
+        _read_until(run.stderr, b"labelling:", timeout=300)  # the engine is up and labelling
+        engine_processes = psutil.Process(run.pid).children(recursive=True)
+        assert engine_processes
+        run.send_signal(signal.SIGTERM)
+        assert run.wait(timeout=120) == 128 + signal.SIGTERM
+        _, alive = psutil.wait_procs(engine_processes, timeout=60)
+        assert not alive, [p.info for p in alive]
+    finally:
+        for process in [run, *engine_processes]:  # a failed run must not leave its engine on the cores
+            with contextlib.suppress(psutil.NoSuchProcess, ProcessLookupError):
+                process.kill()
+        run.wait()
