@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from pdserve.bench.peers import STARTUP_TIMEOUT_S, PeerStartError, ServerProcess, log_tail
+from pdserve.bench.peers import STARTUP_TIMEOUT_S, ServerProcess, start_failure
 
 SERVING = re.compile(r"pdserve serving gRPC on (\S+), OpenAI-compatible HTTP on (\S+), metrics")
 STOP_GRACE_S = 30.0  # pdserve stops its engines, then its local Ray
@@ -56,9 +56,7 @@ async def _serving(process: subprocess.Popen[bytes], log: Path) -> tuple[str, st
         if found:
             return found.group(1), found.group(2)
         if (code := process.poll()) is not None:
-            raise PeerStartError(f"pdserve exited with code {code} before it served; last lines of {log}:\n"
-                                 f"{log_tail(log)}")
+            raise start_failure("pdserve", f"exited with code {code} before it served", log)
         if time.monotonic() > deadline:
-            raise PeerStartError(f"pdserve did not serve within {STARTUP_TIMEOUT_S:.0f} s; last lines of {log}:\n"
-                                 f"{log_tail(log)}")
+            raise start_failure("pdserve", f"did not serve within {STARTUP_TIMEOUT_S:.0f} s", log)
         await asyncio.sleep(0.25)  # polling period: the log is where the server says it is ready

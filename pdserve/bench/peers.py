@@ -104,6 +104,11 @@ def log_tail(path: Path, lines: int = _LOG_TAIL_LINES) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
+def start_failure(who: str, what: str, log: Path) -> PeerStartError:
+    """A server that did not come up: what happened, and the end of its log, where the reason usually is."""
+    return PeerStartError(f"{who} {what}; last lines of {log}:\n{log_tail(log)}")
+
+
 @dataclass
 class ServerProcess:
     """One server: `process` leads its own process group (`start_new_session=True`); it answers on `url`."""
@@ -144,7 +149,7 @@ class ServerProcess:
             await asyncio.sleep(_PROBE_PERIOD_S)  # polling period of a readiness probe
 
     def _failed(self, what: str) -> PeerStartError:
-        return PeerStartError(f"{self.name} ({self.url}) {what}; last lines of {self.log}:\n{log_tail(self.log)}")
+        return start_failure(f"{self.name} ({self.url})", what, self.log)
 
     def _release_port(self) -> None:
         if self.port_reservation is not None:
