@@ -13,9 +13,9 @@ SUDO := $(if $(filter 0,$(shell id -u)),,$(shell command -v sudo))
 # Pure modules (no I/O): type-checked strictly by mypy as part of the tests.
 PURE := router/policy.py router/validation.py router/timings.py router/instance.py router/request.py \
 	router/errors.py router/prediction.py router/placement.py router/kv_placement.py router/prefill_placement.py \
-	router/admission.py router/length_policies.py router/receive_budget.py kv_transfer/ticket.py kv_transfer/ledger.py \
-	kv_transfer/nccl_pool.py kv_transfer/nccl_keys.py kv_transfer/params.py kv_transfer/planner.py kv_transfer/drain.py \
-	pdserve/config.py pdserve/sim pdserve/bench/serve_metrics.py \
+	router/admission.py router/length_policies.py router/receive_budget.py router/sorted_pool.py kv_transfer/ticket.py \
+	kv_transfer/ledger.py kv_transfer/nccl_pool.py kv_transfer/nccl_keys.py kv_transfer/params.py kv_transfer/planner.py \
+	kv_transfer/drain.py pdserve/config.py pdserve/sim pdserve/bench/serve_metrics.py \
 	pdserve/bench/workload.py pdserve/predictor/metrics.py pdserve/predictor/labels.py \
 	pdserve/predictor/calibration.py
 

@@ -1,4 +1,4 @@
-"""The `pdserve` command: serve, generate, demo, model prepare, bench, chaos, predictor."""
+"""The `pdserve` command: serve, generate, demo, model prepare, bench, sim, chaos, predictor."""
 
 from __future__ import annotations
 
@@ -103,6 +103,12 @@ def _bench_overload(args: argparse.Namespace) -> int:
     return main(args)
 
 
+def _sim(args: argparse.Namespace) -> int:
+    from pdserve.sim.command import main
+
+    return main(args)
+
+
 def _chaos(args: argparse.Namespace) -> int:
     from pdserve.chaos_command import main
 
@@ -176,6 +182,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--raw-repeats", type=int, default=15)
     b.add_argument("--out", default="bench-results/transfer.json")
     b.set_defaults(func=_bench_transfer)
+    p = sub.add_parser("sim", help="simulate every decode policy at several cluster sizes: goodput under SLO, "
+                       "preemptions, TPOT p99")
+    from pdserve.sim.command import add_arguments as add_sim
+
+    add_sim(p)
+    p.set_defaults(func=_sim)
     from pdserve.bench.overload import add_parser as add_overload
     from pdserve.bench.serve import add_parser
     from pdserve.chaos_command import add_parser as add_chaos

@@ -1,14 +1,22 @@
 """The `Instance` noun as policies see it: `InstanceSnapshot`, one worker's load at a moment. Plain data.
 
-Fields past `healthy` describe load for length-aware policies (all but the last, `draining`: an operator took the
-instance out of placement); their defaults mean "not reported", so a snapshot built with only the first four
-fields still works with every policy. `kv_capacity_tokens == 0`
-means the capacity is unknown (no instance is filtered out for lack of KV memory).
+Fields past `healthy` describe load for length-aware policies (all but `draining`, an operator took the instance
+out of placement, and `profile`); their defaults mean "not reported", so a snapshot built with only the first
+four fields still works with every policy. `kv_capacity_tokens == 0` means the capacity is unknown (no instance
+is filtered out for lack of KV memory).
+
+`profile` is an optional precomputed summary of `running` (`kv_placement.KvProfile`): a publisher that keeps its
+load in other forms (the simulator) sets it and may leave `running` empty; policies then read the profile and
+never rebuild it per pick. When both are set they must describe the same requests.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pdserve.router.kv_placement import KvProfile
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,7 +40,18 @@ class InstanceSnapshot:
     queued_prefill_tokens: int = 0  # prompt tokens queued or in progress that still have to be computed
     cached_prefixes: frozenset[int] = frozenset()  # prefix hashes (see `Placement`) held in its prefix cache
     draining: bool = False  # taken out of placement by an operator: it finishes what it runs, takes nothing new
+    profile: KvProfile | None = None  # `running` summarized; see the module docstring
 
     @property
     def kv_tokens(self) -> int:
+        """KV tokens held now."""
+        if self.profile is not None:
+            return self.profile.kv_tokens
         return sum(r.tokens for r in self.running)
+
+    @property
+    def reserved_tokens(self) -> int:
+        """KV tokens held if every request ran to its max_tokens."""
+        if self.profile is not None:
+            return self.profile.reserved_tokens
+        return sum(r.tokens + r.remaining_max for r in self.running)

@@ -3,26 +3,33 @@
 The work a prefill instance would still do before this request's first token is its queued prefill tokens
 plus the part of this prompt it does not already hold in its prefix cache. `PrefixAffinity` picks the least
 such work; an instance that caches the prompt's prefix wins unless its queue outweighs the saving.
+
+A cache hit saves at most the prompt's hashed blocks, so only instances whose queue is within that saving of
+the shortest queue can win or tie; the prefix match is computed for those alone, once per cache object.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pdserve.router.instance import InstanceSnapshot
-from pdserve.router.kv_placement import Score, pick_lowest
 from pdserve.router.placement import EMPTY, Placement
 from pdserve.router.policy import eligible
+from pdserve.router.sorted_pool import SortedPool
 
 
 def cached_tokens(placement: Placement, cached: frozenset[int]) -> int:
     """Prompt tokens an instance holds: the longest run of leading prefix hashes it caches, in tokens."""
-    blocks = 0
-    for h in placement.prefix_hashes:
-        if h not in cached:
-            break
-        blocks += 1
+    hashes = placement.prefix_hashes
+    if not hashes or hashes[0] not in cached:
+        return 0
+    if cached.issuperset(hashes):  # the common cases, a miss or a full hit, without a loop
+        blocks = len(hashes)
+    else:
+        blocks = 1
+        while hashes[blocks] in cached:
+            blocks += 1
     return min(blocks * placement.block_tokens, placement.prompt_tokens)
 
 
@@ -30,17 +37,33 @@ def prefill_work(snapshot: InstanceSnapshot, placement: Placement) -> int:
     return snapshot.queued_prefill_tokens + placement.prompt_tokens - cached_tokens(placement, snapshot.cached_prefixes)
 
 
+def _by_queue(s: InstanceSnapshot) -> tuple[float, InstanceSnapshot]:
+    return s.queued_prefill_tokens, s
+
+
 @dataclass(slots=True)
 class PrefixAffinity:
     name: str = "prefix_affinity"
     _turn: int = 0
+    _pool: SortedPool[InstanceSnapshot] = field(default_factory=lambda: SortedPool(_by_queue))
 
     def pick(self, snapshots: Sequence[InstanceSnapshot], placement: Placement | None = None) -> str:
         query = placement or EMPTY
-
-        def score(s: InstanceSnapshot) -> Score:
-            return (float(prefill_work(s, query)),)
-
-        chosen = pick_lowest(eligible(snapshots), score, self._turn)
+        self._pool.update(snapshots)
+        if not self._pool.order:
+            eligible(snapshots)  # raises NoInstance
+        within = self._pool.order[0][0] + min(len(query.prefix_hashes) * query.block_tokens, query.prompt_tokens)
+        scored: list[tuple[int, int]] = []
+        hits: dict[int, int] = {}  # cached tokens by cache object: publishers may share equal ones
+        for queued, i in self._pool.order:
+            if queued > within:
+                break
+            cached = snapshots[i].cached_prefixes
+            hit = hits.get(id(cached))
+            if hit is None:
+                hit = hits[id(cached)] = cached_tokens(query, cached)
+            scored.append((int(queued) + query.prompt_tokens - hit, i))
+        best = min(scored)[0]
+        tied = sorted(i for work, i in scored if work == best)
         self._turn += 1
-        return chosen
+        return snapshots[tied[(self._turn - 1) % len(tied)]].instance_id

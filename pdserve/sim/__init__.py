@@ -1,7 +1,8 @@
 """A discrete-event simulator of a prefill/decode cluster that drives the router's own policy objects.
 
 Pure: no Ray, gRPC or engine. `run(SimConfig, decode_policy, prefill_policy)` returns per-request timings;
-`summarize` turns them into a per-policy summary. See `simulator` for the event model.
+`summarize` turns them into a per-policy summary. See `simulator` for the event model, `compare` and `goodput`
+for the policy comparison `pdserve sim` prints.
 """
 
 from pdserve.sim.cost import CostModel

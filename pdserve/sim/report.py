@@ -72,12 +72,12 @@ def summarize(policy: str, result: SimResult, slo: Slo | None = None) -> Summary
 
 
 def table(rows: list[Summary]) -> str:
-    head = (f"{'policy':<22}{'served':>8}{'rej':>6}{'ttft p50':>10}{'ttft p99':>10}{'tpot p50':>10}{'tpot p99':>10}"
+    head = (f"{'policy':<22}{'served':>9}{'rej':>8}{'ttft p50':>10}{'ttft p99':>10}{'tpot p50':>10}{'tpot p99':>10}"
             f"{'e2e p99':>10}{'slo %':>8}{'goodput':>9}{'preempt':>9}{'wall s':>8}")
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
-            f"{r.policy:<22}{r.served:>8}{r.rejected:>6}{r.ttft_p50:>10.3f}{r.ttft_p99:>10.3f}{r.tpot_p50 * 1e3:>9.1f}m"
+            f"{r.policy:<22}{r.served:>9}{r.rejected:>8}{r.ttft_p50:>10.3f}{r.ttft_p99:>10.3f}{r.tpot_p50 * 1e3:>9.1f}m"
             f"{r.tpot_p99 * 1e3:>9.1f}m{r.e2e_p99:>10.2f}{r.slo_attainment * 100:>8.1f}{r.goodput_rps:>9.1f}"
             f"{r.preemptions:>9}{r.wall_s:>8.2f}"
         )

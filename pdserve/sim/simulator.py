@@ -13,6 +13,7 @@ from __future__ import annotations
 import heapq
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pdserve.router.admission import BoundedQueue
@@ -21,10 +22,12 @@ from pdserve.router.instance import InstanceSnapshot
 from pdserve.router.placement import Placement
 from pdserve.router.policy import Policy
 from pdserve.sim.cost import CostModel
-from pdserve.sim.instances import DecodeState, PrefillState, Seq
+from pdserve.sim.decode import DecodeState, Seq
+from pdserve.sim.prefill import PrefillState
 from pdserve.sim.workload import BLOCK_TOKENS, SimRequest, WorkloadConfig, generate
 
 ARRIVE, PREFILL_DONE, KV_LANDED, DECODE_DONE = 0, 1, 2, 3
+PROGRESS_EVERY = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,15 +63,18 @@ class SimResult:
 
 
 class _Sim:
-    def __init__(self, config: SimConfig, decode_policy: Policy, prefill_policy: Policy) -> None:
+    def __init__(self, config: SimConfig, decode_policy: Policy, prefill_policy: Policy,
+                 progress: Callable[[int], None] | None) -> None:
         self.c, self.cost = config, config.cost
+        self.progress = progress
         self.dpol, self.ppol = decode_policy, prefill_policy
         self.reqs = generate(config.workload)
         n = len(self.reqs)
         self.res = SimResult(self.reqs, [math.nan] * n, [math.nan] * n, [0] * n)
         cap = config.cost.kv_capacity_tokens
         self.decode = [DecodeState(f"d{i}", cap) for i in range(config.decode_instances)]
-        self.prefill = [PrefillState(f"p{i}", config.prefix_cache_blocks, BLOCK_TOKENS)
+        shared: dict[frozenset[int], frozenset[int]] = {}
+        self.prefill = [PrefillState(f"p{i}", config.prefix_cache_blocks, BLOCK_TOKENS, shared=shared)
                         for i in range(config.prefill_instances)]
         self.didx = {d.iid: i for i, d in enumerate(self.decode)}
         self.pidx = {p.iid: i for i, p in enumerate(self.prefill)}
@@ -87,8 +93,8 @@ class _Sim:
 
     def run(self) -> SimResult:
         started = time.perf_counter()
-        for r in self.reqs:
-            self.push(r.arrival, ARRIVE, r.rid)
+        if self.reqs:  # arrivals enter the heap one at a time (each pushes the next), so it stays small
+            self.push(self.reqs[0].arrival, ARRIVE, 0)
         handlers = (self.on_arrive, self.on_prefill_done, self.on_kv_landed, self.on_decode_done)
         while self.heap:
             now, _, kind, idx, ver = heapq.heappop(self.heap)
@@ -112,7 +118,7 @@ class _Sim:
             self.psnaps[i] = self.prefill[i].snapshot()
         self.pdirty.clear()
         p = self.pidx[self.ppol.pick(self.psnaps, placement)]
-        self.decode[d].placed[req.rid] = Seq(req)
+        self.decode[d].place(Seq(req))
         self.decode_of[req.rid] = d
         self.ddirty.add(d)
         self.prefill[p].enqueue(req)
@@ -123,6 +129,10 @@ class _Sim:
         return True
 
     def on_arrive(self, now: float, rid: int, _: int) -> None:
+        if rid + 1 < len(self.reqs):
+            self.push(self.reqs[rid + 1].arrival, ARRIVE, rid + 1)
+        if self.progress is not None and rid % PROGRESS_EVERY == 0:
+            self.progress(rid)
         req = self.reqs[rid]
         if self.held or not self.try_place(req, now):
             try:
@@ -134,7 +144,7 @@ class _Sim:
         inst = self.prefill[p]
         for req in inst.finish():
             self.res.first_token_at[req.rid] = now
-            self.decode[self.decode_of[req.rid]].placed[req.rid].generated = 1
+            self.decode[self.decode_of[req.rid]].placed[req.rid].set_generated(1)
             self.push(now + self.cost.transfer_per_token_s * req.prompt_tokens, KV_LANDED, req.rid)
         self.pdirty.add(p)
         end = inst.start(now, self.cost, self.c.prefill_budget_tokens)
@@ -146,7 +156,7 @@ class _Sim:
         inst = self.decode[d]
         seq = inst.placed[rid]
         if seq.generated >= seq.req.output_tokens:  # the first token was the last
-            del inst.placed[rid]
+            inst.drop(seq)
             self.finish([seq], now)
             return
         inst.waiting.append(seq)
@@ -175,5 +185,7 @@ class _Sim:
             self.held.drain(lambda r: self.try_place(r, now))
 
 
-def run(config: SimConfig, decode_policy: Policy, prefill_policy: Policy) -> SimResult:
-    return _Sim(config, decode_policy, prefill_policy).run()
+def run(config: SimConfig, decode_policy: Policy, prefill_policy: Policy,
+        progress: Callable[[int], None] | None = None) -> SimResult:
+    """Runs the workload to the end; `progress(arrived)` is called every `PROGRESS_EVERY` arrivals."""
+    return _Sim(config, decode_policy, prefill_policy, progress).run()

@@ -1,0 +1,82 @@
+"""The policy comparison behind `pdserve sim`: goodput under SLO per decode policy and cluster size. Pure.
+
+One cluster shape per size (`Scenario`): `decode_instances` decode and half as many prefill instances, tight KV
+(24k tokens per decode instance) and the mixed short/long workload, so placement matters. A run offers
+`rate * seconds` requests at `rate` (Poisson) and drains them; it passes when at least `target` of them meet
+both SLOs (TTFT and TPOT). `goodput` searches the rate (`goodput.highest_passing`) and reports the last run
+that passed: its rate, preemptions (KV overflow) and p99 TPOT.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from pdserve.router.kv_placement import LeastKv, MaxTokensWeighted, ProjectedKv
+from pdserve.router.policy import LeastOutstanding, Policy, RoundRobin
+from pdserve.router.prefill_placement import PrefixAffinity
+from pdserve.sim.cost import CostModel
+from pdserve.sim.goodput import highest_passing
+from pdserve.sim.report import Slo, Summary, summarize
+from pdserve.sim.simulator import SimConfig, run
+from pdserve.sim.workload import WorkloadConfig
+
+DECODE_POLICIES: dict[str, Callable[[], Policy]] = {
+    "round_robin": RoundRobin,
+    "least_outstanding": LeastOutstanding,
+    "least_kv": LeastKv,
+    "max_tokens_weighted": MaxTokensWeighted,
+    "projected_kv": ProjectedKv,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Scenario:
+    decode_instances: int
+    kv_capacity_tokens: int = 24_000
+    seconds: float = 20.0  # arrival window of one run, in simulated seconds
+    slo: Slo = field(default_factory=Slo)
+    target: float = 0.9  # share of requests that must meet both SLOs
+    seed: int = 1
+
+    def __post_init__(self) -> None:
+        if self.decode_instances < 1 or self.seconds <= 0 or not 0 < self.target <= 1:
+            raise ValueError("a scenario needs decode_instances >= 1, seconds > 0 and 0 < target <= 1")
+
+    def config(self, rate_rps: float, requests: int | None = None) -> SimConfig:
+        count = requests if requests is not None else max(1, round(rate_rps * self.seconds))
+        workload = WorkloadConfig(requests=count, rate_rps=rate_rps, seed=self.seed)
+        return SimConfig(workload, CostModel(kv_capacity_tokens=self.kv_capacity_tokens),
+                         prefill_instances=max(1, self.decode_instances // 2), decode_instances=self.decode_instances)
+
+
+def run_policy(scenario: Scenario, policy: str, rate_rps: float, requests: int | None = None,
+               progress: Callable[[int], None] | None = None) -> Summary:
+    """One run of `policy` at `rate_rps`; `requests` overrides `rate * seconds`; see `simulator.run`."""
+    result = run(scenario.config(rate_rps, requests), DECODE_POLICIES[policy](), PrefixAffinity(), progress)
+    return summarize(policy, result, scenario.slo)
+
+
+@dataclass(frozen=True, slots=True)
+class Goodput:
+    decode_instances: int
+    policy: str
+    goodput_rps: float  # 0.0: no rate searched passed
+    at: Summary | None  # the run at `goodput_rps`
+    runs: tuple[tuple[float, float], ...]  # (rate, share within SLOs) of every run, in order
+
+
+def goodput(scenario: Scenario, policy: str, start_rps: float, bisect_steps: int = 4,
+            on_run: Callable[[Summary], None] | None = None) -> Goodput:
+    summaries: dict[float, Summary] = {}
+
+    def passes(rate: float) -> bool:
+        summary = run_policy(scenario, policy, rate)
+        summaries[rate] = summary
+        if on_run is not None:
+            on_run(summary)
+        return summary.slo_attainment >= scenario.target
+
+    rate = highest_passing(passes, start_rps, bisect_steps)
+    runs = tuple((r, s.slo_attainment) for r, s in summaries.items())
+    return Goodput(scenario.decode_instances, policy, rate, summaries.get(rate), runs)
