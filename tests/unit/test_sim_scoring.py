@@ -1,6 +1,7 @@
 """Incremental scoring (profiles, bounded exact scoring) picks what the straightforward full scoring picks."""
 
 import random
+from typing import Any
 
 import pytest
 
@@ -68,6 +69,14 @@ def random_placement(rng: random.Random) -> Placement:
     return Placement(rng.randint(0, 1_500), 2_048, LengthPrediction(p50, p50 * rng.choice([1, 2, 3])))
 
 
+def outcome(policy: Any, snaps: list[InstanceSnapshot], placement: Placement) -> str | type[Exception]:
+    """The instance `policy` picks, or the kind of refusal it raises."""
+    try:
+        return str(policy.pick(snaps, placement))
+    except (Overloaded, NoInstance) as e:
+        return type(e)
+
+
 def test_profile_peak_with_a_new_request_equals_the_full_pass():
     rng = random.Random(7)
     for _ in range(2_000):
@@ -94,15 +103,8 @@ def test_projected_kv_picks_what_full_scoring_picks_on_random_snapshots(with_pro
     for _ in range(1_500):
         snaps = [random_snapshot(rng, i, with_profile) for i in range(rng.randint(1, 9))]
         placement = random_placement(rng)
-        try:
-            want: str | type[Exception] = full.pick(snaps, placement)
-        except (Overloaded, NoInstance) as e:
-            want = type(e)
-        try:
-            got: str | type[Exception] = fast.pick(snaps, placement)
-        except (Overloaded, NoInstance) as e:
-            got = type(e)
-        assert got == want
+        want = outcome(full, snaps, placement)
+        assert outcome(fast, snaps, placement) == want
         outcomes.add(want if isinstance(want, type) else str)
     assert outcomes == {str, Overloaded, NoInstance}  # the random cases cover picks, full pools and empty ones
 
@@ -187,17 +189,10 @@ def test_decode_policies_follow_a_pool_that_changes_a_few_snapshots_at_a_time(ma
         placement = random_placement(rng)
         fresh = make()  # the reference for the baselines: no memory of earlier snapshots, the same turn
         fresh._turn = turn
-        try:
-            want: str | type[Exception] = (full.pick(snaps, placement) if make is ProjectedKv
-                                           else fresh.pick(list(snaps), placement))
+        want = outcome(full, snaps, placement) if make is ProjectedKv else outcome(fresh, list(snaps), placement)
+        if isinstance(want, str):
             turn += 1
-        except (Overloaded, NoInstance) as e:
-            want = type(e)
-        try:
-            got: str | type[Exception] = kept.pick(snaps, placement)
-        except (Overloaded, NoInstance) as e:
-            got = type(e)
-        assert got == want
+        assert outcome(kept, snaps, placement) == want
 
 
 def test_prefix_affinity_follows_a_pool_that_changes_a_few_snapshots_at_a_time():
@@ -237,15 +232,8 @@ def test_a_refused_request_retried_as_instances_change_gets_what_full_scoring_gi
             i = rng.randrange(len(snaps))
             snaps[i] = nearly_full(i)
         placement = large if rng.random() < 0.8 else random_placement(rng)
-        try:
-            want: str | type[Exception] = full.pick(snaps, placement)
-        except (Overloaded, NoInstance) as e:
-            want = type(e)
-        try:
-            got: str | type[Exception] = kept.pick(snaps, placement)
-        except (Overloaded, NoInstance) as e:
-            got = type(e)
-        assert got == want
+        want = outcome(full, snaps, placement)
+        assert outcome(kept, snaps, placement) == want
         outcomes.append(want)
     assert outcomes.count(Overloaded) > 20 and sum(isinstance(o, str) for o in outcomes) > 20
 
