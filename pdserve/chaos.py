@@ -2,9 +2,10 @@
 
 `run_chaos(deployment, ChaosConfig)` sends `requests` generations over gRPC, `concurrency` at a time; a share of
 them (`cancel_fraction`) is cancelled at a random moment (before the first token, or after a random number of
-tokens). Every `kill_every_s` seconds one worker is killed (decode, then prefill, alternately; a decode worker
-only while another decode instance is healthy): Ray restarts it and the supervisor puts it back. Transfer faults
-come from `transfer.fault_every` in the deployment's config (see `pdserve.kv_transfer.sender`).
+tokens). Once the first request has ended, and then every `kill_every_s` seconds, one worker is killed (decode,
+then prefill, alternately; a decode worker only while another decode instance is healthy): Ray restarts it and
+the supervisor puts it back. Transfer faults come from `transfer.fault_every` in the deployment's config (see
+`pdserve.kv_transfer.sender`).
 
 Every request ends one way: completed (its last message carries the finish reason), cancelled (by us), rejected
 (RESOURCE_EXHAUSTED, with its retry hint) or failed (any other status code). One that has not ended by
@@ -200,23 +201,27 @@ async def drive(target: str, todo: list[Plan], config: ChaosConfig, on_result: C
 
 @dataclass
 class Killer:
-    """Kills a worker every `every_s` seconds, decode and prefill alternately, while the load runs."""
+    """Kills a worker as soon as the first request has ended (`started` is set), so that every run with more
+    requests than that loses one mid-load however fast it goes, then every `every_s` seconds; decode and prefill
+    alternately."""
 
     router: Any
     every_s: float
+    started: asyncio.Event = field(default_factory=asyncio.Event)
     kills: list[str] = field(default_factory=list)
 
     async def run(self) -> None:
         import ray
 
         role = DECODE
+        await self.started.wait()
         while True:
-            await asyncio.sleep(self.every_s)  # the kill schedule, not a synchronization
             victim = pick_victim(self.router.registry.all(), role)
             if victim is not None:
                 ray.kill(victim.handle, no_restart=False)  # Ray restarts it; the supervisor rejoins it
                 self.kills.append(victim.instance_id)
             role = PREFILL if role == DECODE else DECODE
+            await asyncio.sleep(self.every_s)  # the kill schedule, not a synchronization
 
 
 def pick_victim(instances: list[Any], role: str) -> Any:
@@ -336,9 +341,15 @@ async def run_chaos(
     failed0 = metrics.kv_transfers.labels("failed")._value.get()
     killer = Killer(router, config.kill_every_s)
     kills = asyncio.create_task(killer.run()) if config.kill_every_s > 0 else None
+
+    def ended(result: Result) -> None:
+        killer.started.set()
+        if on_result is not None:
+            on_result(result)
+
     start = time.monotonic()
     try:
-        tally = await drive(deployment.target, plans(config), config, on_result or (lambda r: None))
+        tally = await drive(deployment.target, plans(config), config, ended)
     finally:
         if kills is not None:
             kills.cancel()

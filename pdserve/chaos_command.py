@@ -80,7 +80,8 @@ def main(args: argparse.Namespace) -> int:
     report = asyncio.run(run())
     print(
         f"\n{chaos.requests} requests, {chaos.concurrency} at a time, {chaos.cancel_fraction:.0%} cancelled, a "
-        f"worker killed every {chaos.kill_every_s:g} s, every {args.fault_every}th transfer faulted"
+        f"worker killed once the first request ended and then every {chaos.kill_every_s:g} s, every "
+        f"{args.fault_every}th transfer faulted"
     )
     print(table(["", "count"], report.rows()))
     print(f"wrote {write_json(args.out, report.to_json())}")
