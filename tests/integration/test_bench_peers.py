@@ -57,18 +57,15 @@ async def get_text(url: str) -> str:
         return await response.text()
 
 
-def assert_complete(trace: RequestTrace, request: BenchRequest, spread: bool = True) -> None:
-    """A finished trace of `request`; `spread`: when several chunks came, they arrived at different moments (a
-    server in another process; a deployment in this process can hold the interpreter while it writes a whole
-    short stream). A server may also send a short stream as one chunk."""
+def assert_complete(trace: RequestTrace, request: BenchRequest) -> None:
+    """A finished trace of `request`. Chunks are stamped as they are read: several that came in one read share a
+    time, and a short stream may come whole, so the times only never go back."""
     assert trace.error is None, trace.error
     assert trace.output_tokens == request.max_tokens  # ignore_eos: every request runs to max_tokens
     assert trace.prompt_tokens == request.prompt_tokens
     assert trace.ttft > 0
     assert list(trace.chunk_times) == sorted(trace.chunk_times)
     assert trace.e2e >= trace.ttft
-    if spread and len(trace.chunk_times) > 1:
-        assert trace.e2e > trace.ttft  # each chunk stamped as it arrived, not all at the end
 
 
 def server_processes() -> list[psutil.Process]:
@@ -182,5 +179,5 @@ def test_pdserve_http_frontend_answers_the_same_driver(loop: LoopThread, one_ser
     theirs = loop.run(drive(base + "/v1", model, requests))
     ours = loop.run(drive(one_server, SERVED_MODEL, requests))
     for pd, plain, request in zip(theirs, ours, requests, strict=True):
-        assert_complete(pd, request, spread=False)
+        assert_complete(pd, request)
         assert pd.output_tokens == plain.output_tokens
