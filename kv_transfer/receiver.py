@@ -87,9 +87,10 @@ class Receiver:
             link.cancel(keys, called_off)  # a load already waiting for them gives up now
         return freed
 
-    def expire(self) -> int:
-        """Frees stashes older than the lease; returns the bytes freed."""
-        cutoff = time.monotonic() - self._lease
+    def expire(self, now: float | None = None) -> int:
+        """Frees stashes older than the lease at `now` (time.monotonic(); default: the present); returns the bytes
+        freed."""
+        cutoff = (time.monotonic() if now is None else now) - self._lease
         return self._drop_stash(lambda key, since: since < cutoff)
 
     def _current_links(self) -> list[Link]:

@@ -31,6 +31,7 @@ from pdserve.prefill.worker import PrefillWorker
 from pdserve.router.admission import Gate
 from pdserve.router.metrics import RouterMetrics, serve_metrics
 from pdserve.router.policy import make_policy
+from pdserve.router.prediction import TextPredictor
 from pdserve.router.receive_budget import ReceiveBudget
 from pdserve.router.registry import Instance, Registry
 from pdserve.router.service import COLOCATED, DECODE, PREFILL, Handoff, Router
@@ -179,17 +180,28 @@ async def deploy(config: ServeConfig) -> Deployment:
     if config.workers.mode != COLOCATED:
         t = config.transfer
         budget = ReceiveBudget(t.receive_buffer_mib << 20)
-        handoff = Handoff(t.deadline_s, t.min_prompt_tokens, budget, make_policy(config.router.policy), t.layerwise)
+        handoff = Handoff(t.deadline_s, t.min_prompt_tokens, budget, make_policy(config.router.prefill_policy),
+                          t.layerwise)
     registry = Registry(instances)
     r = config.router
     router = Router(registry, make_policy(r.policy), tokenizer, limits, metrics, handoff,
-                    Gate(r.max_outstanding, r.admission_queue, r.retry_after_s))
+                    Gate(r.max_outstanding, r.admission_queue, r.retry_after_s), load_predictor(r.predictor),
+                    r.hold_queue)
     metrics.watch_pool(registry.all, lambda: router.admission.waiting)
     supervisor = supervise(registry, secret)
     server, port = await start_grpc(router, config.router.host, config.router.port, security)
     http_server, http_port = await start_http(router, config.router.host, config.router.http_port, security)
     metrics_server, metrics_port = serve_metrics(metrics, config.router.host, config.router.metrics_port)
     return Deployment(router, supervisor, server, port, metrics_server, metrics_port, http_server, http_port)
+
+
+def load_predictor(head_file: str | None) -> TextPredictor | None:
+    """The router's output-length predictor: a head trained by `pdserve predictor train`; None: no prediction."""
+    if head_file is None:
+        return None
+    from pdserve.router.length_predictor import LearnedLengthPredictor  # torch, and MiniLM for an embedding head
+
+    return LearnedLengthPredictor.load(head_file)
 
 
 def served_name(model: str) -> str:

@@ -183,7 +183,13 @@ class RouterConfig:
     port: int = 50051
     http_port: int = 8000  # OpenAI-compatible HTTP: /v1/completions, /v1/chat/completions, /v1/models, /health
     metrics_port: int = 9400  # Prometheus /metrics over HTTP
-    policy: str = "least_outstanding"
+    policy: str = "least_outstanding"  # places whole requests (colocated) and decodes (disaggregated)
+    prefill_policy: str = "least_outstanding"  # places prefills (disaggregated)
+    # A head file from `pdserve predictor train`: each request's output length is predicted from its prompt, for
+    # length-aware policies and the prediction-error metrics. None: every request is taken to run to max_tokens.
+    predictor: str | None = None
+    # Requests a length-aware policy finds no KV room for wait for a request to end, up to this many at once.
+    hold_queue: int = 256
     max_tokens_limit: int = 1024
     default_max_tokens: int = 128
     # Admission: at most `max_outstanding` requests run at once (0: no limit), `admission_queue` more wait for a
@@ -198,17 +204,23 @@ class RouterConfig:
         for name in ("port", "http_port", "metrics_port"):
             if not 0 <= getattr(self, name) <= 65535:
                 raise ValueError(f"router.{name} must be in [0, 65535], got {getattr(self, name)}")
-        for name in ("max_outstanding", "admission_queue"):
+        for name in ("max_outstanding", "admission_queue", "hold_queue"):
             if getattr(self, name) < 0:
                 raise ValueError(f"router.{name} must be >= 0, got {getattr(self, name)}")
         if not self.retry_after_s > 0:
             raise ValueError(f"router.retry_after_s must be > 0 seconds, got {self.retry_after_s}")
         if self.max_tokens_limit < 1:
             raise ValueError(f"router.max_tokens_limit must be >= 1, got {self.max_tokens_limit}")
-        from pdserve.router.policy import POLICIES
+        from pdserve.router.policy import POLICIES, PREFILL_POLICIES
 
         if self.policy not in POLICIES:
             raise ValueError(f"router.policy must be one of {sorted(POLICIES)}, got {self.policy!r}")
+        if self.prefill_policy not in PREFILL_POLICIES:
+            raise ValueError(f"router.prefill_policy must be one of {sorted(PREFILL_POLICIES)}, got "
+                             f"{self.prefill_policy!r}")
+        if self.predictor is not None and not Path(self.predictor).is_file():
+            raise ValueError(f"router.predictor: no head file at {self.predictor!r}; train one with "
+                             "`pdserve predictor train`, or leave it null")
 
 
 @dataclass(frozen=True)

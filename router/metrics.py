@@ -20,6 +20,8 @@ from pdserve.router.timings import PhaseTimings
 
 # Latencies of a CPU-served small model span milliseconds to minutes.
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
+_RELATIVE_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10)
 _PHASES = ("router_queue", "prefill_queue", "prefill_compute", "kv_transfer", "decode_queue",
            "first_decode_step", "decode")
 
@@ -53,6 +55,24 @@ class RouterMetrics:
                                "worker was lost", registry=r)
         self.running = Gauge("pdserve_requests_running", "Requests placed on an instance and not ended",
                              registry=r)
+        self.held = Gauge("pdserve_requests_held", "Requests waiting for KV room on a decode instance (length-aware "
+                          "placement)", registry=r)
+        self.length_error = Histogram("pdserve_output_length_error_tokens", "|output tokens - predicted p50| of "
+                                      "finished requests", buckets=_TOKEN_BUCKETS, registry=r)
+        self.length_relative_error = Histogram("pdserve_output_length_relative_error", "|output tokens - "
+                                               "predicted p50| / output tokens of finished requests",
+                                               buckets=_RELATIVE_BUCKETS, registry=r)
+        self.length_coverage = Counter("pdserve_output_length_within_prediction", "Finished requests by predicted "
+                                       "quantile (p50, p90) and whether their output ended at or below it (within) "
+                                       "or past it (beyond)", ["quantile", "result"], registry=r)
+
+    def predicted(self, p50: int, p90: int, generated: int) -> None:
+        """A finished request's output length against its predicted quantiles."""
+        error = abs(generated - p50)
+        self.length_error.observe(error)
+        self.length_relative_error.observe(error / max(generated, 1))
+        for quantile, bound in (("p50", p50), ("p90", p90)):
+            self.length_coverage.labels(quantile, "within" if generated <= bound else "beyond").inc()
 
     def finished(self, finish_reason: str, prompt_tokens: int, completion_tokens: int, t: PhaseTimings) -> None:
         self.requests.labels(finish_reason).inc()

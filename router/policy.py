@@ -80,6 +80,9 @@ POLICIES: dict[str, Callable[[], Policy]] = {
 }
 
 
+PREFILL_POLICIES = ("round_robin", "least_outstanding", "prefix_affinity")  # those that place prefills
+
+
 def make_policy(name: str) -> Policy:
     try:
         return POLICIES[name]()

@@ -29,6 +29,14 @@ class LengthPredictor(Protocol):
     def predict(self, prompt_tokens: int, max_tokens: int) -> LengthPrediction: ...
 
 
+class TextPredictor(Protocol):
+    """What the router asks: quantiles from the prompt's text and length, and each finished request's length."""
+
+    def predict_text(self, prompt: str, prompt_tokens: int, max_tokens: int) -> LengthPrediction: ...
+
+    def observe(self, prediction: LengthPrediction, generated: int) -> None: ...
+
+
 def from_max_tokens(max_tokens: int) -> LengthPrediction:
     """The pessimistic baseline: every request runs to its `max_tokens`."""
     return LengthPrediction(max_tokens, max_tokens)
@@ -43,6 +51,12 @@ class FixedPrediction:
 
     def predict(self, prompt_tokens: int, max_tokens: int) -> LengthPrediction:
         return LengthPrediction(self.p50, self.p90).capped(max_tokens)
+
+    def predict_text(self, prompt: str, prompt_tokens: int, max_tokens: int) -> LengthPrediction:
+        return self.predict(prompt_tokens, max_tokens)
+
+    def observe(self, prediction: LengthPrediction, generated: int) -> None:
+        """Learns nothing."""
 
 
 def remaining(prediction: LengthPrediction, generated: int, max_tokens: int) -> LengthPrediction:

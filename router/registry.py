@@ -1,15 +1,35 @@
-"""The instance registry: the router's live view of its workers (handles, channels, outstanding requests).
+"""The instance registry: the router's live view of its workers (handles, channels, outstanding requests, and
+the requests each holds and the prompt tokens each has still to prefill, for length-aware placement).
 
-Policies never see this object, only the `InstanceSnapshot`s it hands out.
+Policies never see this object, only the `InstanceSnapshot`s it hands out. A `Held` request is one a decode (or
+colocated) instance holds KV for from the moment it is placed there until its leg ends: its KV tokens now and
+the output still predicted to come, as `RequestLoad`s in the snapshot (`detailed`), beside the instance's KV
+capacity in tokens.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pdserve.engine import EngineInfo, EngineStats
-from pdserve.router.instance import InstanceSnapshot
+from pdserve.router.instance import InstanceSnapshot, RequestLoad
+from pdserve.router.prediction import LengthPrediction, remaining
+
+
+@dataclass(slots=True)
+class Held:
+    """A request on an instance: `context_tokens` of KV when its leg began, `generated` since, at most
+    `max_tokens` in the leg, and the leg's predicted output."""
+
+    context_tokens: int
+    max_tokens: int
+    prediction: LengthPrediction
+    generated: int = 0
+
+    def load(self) -> RequestLoad:
+        left = remaining(self.prediction, self.generated, self.max_tokens)
+        return RequestLoad(self.context_tokens + self.generated, left.p50, left.p90, self.max_tokens - self.generated)
 
 
 @dataclass(slots=True)
@@ -23,9 +43,21 @@ class Instance:
     healthy: bool = True
     draining: bool = False  # out of placement; it finishes the requests it has
     stats: EngineStats | None = None  # the engine's stats at its last heartbeat; None: none yet
+    held: dict[str, Held] = field(default_factory=dict)  # by leg id: requests placed here whose leg has not ended
+    queued_prefill_tokens: int = 0  # prompt tokens of the prefills sent here and not yet answered
 
-    def snapshot(self) -> InstanceSnapshot:
-        return InstanceSnapshot(self.instance_id, self.role, self.outstanding, self.healthy, draining=self.draining)
+    @property
+    def kv_capacity_tokens(self) -> int:
+        return self.info.num_blocks * self.info.block_size
+
+    def snapshot(self, detailed: bool = False) -> InstanceSnapshot:
+        """What a policy sees; `detailed` adds the KV capacity and the held requests' loads."""
+        if not detailed:
+            return InstanceSnapshot(self.instance_id, self.role, self.outstanding, self.healthy,
+                                    draining=self.draining)
+        return InstanceSnapshot(self.instance_id, self.role, self.outstanding, self.healthy, self.kv_capacity_tokens,
+                                tuple(h.load() for h in self.held.values()), self.queued_prefill_tokens,
+                                draining=self.draining)
 
 
 class Registry:
@@ -34,8 +66,8 @@ class Registry:
             raise ValueError("a registry needs at least one instance")
         self._by_id = {i.instance_id: i for i in instances}
 
-    def snapshots(self, role: str) -> list[InstanceSnapshot]:
-        return [i.snapshot() for i in self._by_id.values() if i.role == role]
+    def snapshots(self, role: str, detailed: bool = False) -> list[InstanceSnapshot]:
+        return [i.snapshot(detailed) for i in self._by_id.values() if i.role == role]
 
     def get(self, instance_id: str) -> Instance:
         return self._by_id[instance_id]

@@ -11,6 +11,14 @@ Admission (`Gate`): at most `max_outstanding` requests run at once, a bounded qu
 in arrival order, and one more is refused with `Overloaded` and a retry hint. `Router.drain` takes an instance
 out of placement (it keeps what it runs) and returns once it runs nothing.
 
+Placement by predicted length: a `predictor`, when given, predicts each request's output length (p50, p90) from
+its prompt once, before placement; the decode (or colocated) policy sees every instance's KV capacity and the
+requests it holds (`Held`: KV now, predicted output still to come), and the request's own `Placement`. A
+length-aware policy that finds no instance with room for the request (`Overloaded`) makes it wait until a request
+ends somewhere, at most `hold_queue` requests at once and never past the deadline; one more is refused with the
+policy's retry hint. A finished request's length is compared with its prediction (Prometheus) and fed back to the
+predictor's calibration.
+
 `Router.generate` yields `Delta`s; the last one carries the `Outcome`. It stops the request in the engines
 when the consumer goes away (cancellation) or the deadline passes (`DeadlineExceeded`), and frees KV that was
 sent for a decode that will not come. Transport-agnostic: the gRPC and HTTP frontends translate to and from it.
@@ -30,11 +38,14 @@ from typing import Any
 from pdserve.channel import WorkerGone
 from pdserve.kv_transfer.params import RecvSpec, SendSpec, blocks_for, to_params
 from pdserve.router.admission import Gate
-from pdserve.router.errors import DeadlineExceeded, EngineFailure, InvalidArgument, ServeError
+from pdserve.router.errors import DeadlineExceeded, EngineFailure, InvalidArgument, Overloaded, ServeError
+from pdserve.router.length_policies import LENGTH_AWARE
 from pdserve.router.metrics import RouterMetrics
+from pdserve.router.placement import Placement
 from pdserve.router.policy import Policy
+from pdserve.router.prediction import LengthPrediction, TextPredictor, remaining
 from pdserve.router.receive_budget import ReceiveBudget, TooLarge
-from pdserve.router.registry import Instance, Registry
+from pdserve.router.registry import Held, Instance, Registry
 from pdserve.router.request import Request
 from pdserve.router.timings import Clock, PhaseTimings
 from pdserve.router.tokenizer import PromptTokenizer
@@ -91,10 +102,17 @@ class Router:
         metrics: RouterMetrics,
         handoff: Handoff | None = None,
         admission: Gate[asyncio.Future[None]] | None = None,
+        predictor: TextPredictor | None = None,
+        hold_queue: int = 0,
     ) -> None:
         self.metrics = metrics
         self.registry = registry
         self.policy = policy
+        self.predictor = predictor
+        self.hold_queue = hold_queue
+        self._detailed = policy.name in LENGTH_AWARE  # snapshots carry KV capacity and held requests
+        self._holding = 0  # requests waiting for KV room on a decode instance
+        self._room = asyncio.Event()  # set (and replaced) whenever a request leaves an instance
         self.tokenizer = tokenizer
         self.limits = limits
         self.handoff = handoff
@@ -147,8 +165,31 @@ class Router:
         check_prompt_tokens(prompt_ids, self.limits)
         check_resume(prompt_ids, request, self.limits)
         async with self._admitted(request):
-            async for delta in self._resuming(_Run(request, prompt_ids, clock, self.tokenizer.text_stream())):
+            run = _Run(request, prompt_ids, clock, self.tokenizer.text_stream())
+            run.prediction = await self._predict(request, prompt_ids)
+            async for delta in self._resuming(run):
+                if delta.outcome is not None and run.prediction is not None:
+                    self._learn(run.prediction, delta.outcome.completion_tokens)
                 yield delta
+
+    async def _predict(self, request: Request, prompt_ids: list[int]) -> LengthPrediction | None:
+        """The predictor's quantiles of the request's output length (off the event loop); None without one."""
+        if self.predictor is None:
+            return None
+        text = _prompt_text(request)
+        if text is None:
+            text = self.tokenizer.decode(prompt_ids)
+        try:
+            return await asyncio.to_thread(self.predictor.predict_text, text, len(prompt_ids),
+                                           request.sampling.max_tokens)
+        except Exception:  # placement falls back to max_tokens; a predictor fault never fails a request
+            log.exception("output-length prediction failed for request %s", request.request_id)
+            return None
+
+    def _learn(self, prediction: LengthPrediction, generated: int) -> None:
+        self.metrics.predicted(prediction.p50, prediction.p90, generated)
+        assert self.predictor is not None
+        self.predictor.observe(prediction, generated)
 
     @contextlib.asynccontextmanager
     async def _admitted(self, request: Request) -> AsyncIterator[None]:
@@ -194,17 +235,25 @@ class Router:
                 self.metrics.resumed.inc()
                 log.warning("request %s resumes after %s", request.request_id, lost)
 
-    def _leg(self, run: _Run) -> AsyncIterator[Delta]:
+    async def _leg(self, run: _Run) -> AsyncIterator[Delta]:
         """The request's next leg: all of it, or what is left of it after a lost worker."""
         run.legs += 1
         run.prefill_instance, run.on_first_chunk = "", None
         h = self.handoff
-        if h is not None and len(run.context) >= h.min_prompt_tokens and self._any_eligible(PREFILL):
-            return self._disaggregated(run, h)
+        disaggregated = h is not None and len(run.context) >= h.min_prompt_tokens and self._any_eligible(PREFILL)
         # Colocated mode, short prompts, and every prefill instance lost: the request runs whole on one instance.
-        instance = self._pick(DECODE if h is not None else COLOCATED)
-        run.clock.dispatched = run.clock.dispatched or time.monotonic()
-        return self._stream(run, instance, run.context, run.rest(), None)
+        instance = await self._place(DECODE if h is not None else COLOCATED, run)
+        try:
+            if disaggregated:
+                assert h is not None
+                stream = self._disaggregated(run, h, instance)
+            else:
+                run.clock.dispatched = run.clock.dispatched or time.monotonic()
+                stream = self._stream(run, instance, run.context, run.rest(), None)
+            async for delta in stream:
+                yield delta
+        finally:
+            self._release(instance, run)
 
     def _any_eligible(self, role: str) -> bool:
         return any(s.healthy and not s.draining for s in self.registry.snapshots(role))
@@ -221,14 +270,64 @@ class Router:
     def undrain(self, instance_id: str) -> None:
         self.registry.get(instance_id).draining = False
 
-    def _pick(self, role: str) -> Instance:
-        policy = self.handoff.prefill_policy if role == PREFILL and self.handoff is not None else self.policy
-        return self.registry.get(policy.pick(self.registry.snapshots(role)))
+    def _placement(self, run: _Run) -> Placement:
+        """What the policy knows of the rest of the request: its context now and the output still to come."""
+        max_tokens = run.request.sampling.max_tokens
+        prediction = None if run.prediction is None else remaining(run.prediction, run.produced, max_tokens)
+        return Placement(len(run.context), max_tokens - run.produced, prediction)
 
-    async def _disaggregated(self, run: _Run, handoff: Handoff) -> AsyncIterator[Delta]:
+    async def _place(self, role: str, run: _Run) -> Instance:
+        """The decode (or colocated) instance for the run's next leg, which holds the request from now until
+        `_release`. With no room anywhere for its projected load, the request waits for a request to end (see
+        the module docstring)."""
+        placement = self._placement(run)
+        while True:
+            try:
+                instance = self.registry.get(self.policy.pick(self.registry.snapshots(role, self._detailed),
+                                                              placement))
+                break
+            except Overloaded:
+                if self._holding >= self.hold_queue or not self._may_fit(role, placement):
+                    raise  # the queue is full, or no request that ends can make room for it
+                await self._wait_for_room(run.request)
+        run.held = instance.held[run.leg_id] = Held(placement.prompt_tokens, placement.max_tokens, placement.length)
+        return instance
+
+    def _may_fit(self, role: str, placement: Placement) -> bool:
+        """Whether the request could fit once some held requests end: it fits an empty instance of the largest
+        capacity (its projected peak there is its prompt plus its predicted output), and some request is held."""
+        instances = [i for i in self.registry.all() if i.role == role and i.healthy and not i.draining]
+        need = placement.prompt_tokens + placement.length.p90
+        return any(i.held for i in instances) and need <= max((i.kv_capacity_tokens for i in instances), default=0)
+
+    async def _wait_for_room(self, request: Request) -> None:
+        self._holding += 1
+        self.metrics.held.inc()
+        try:
+            async with asyncio.timeout_at(request.deadline):
+                await self._room.wait()
+        except TimeoutError:
+            raise DeadlineExceeded("the request's deadline passed while it waited for KV room on a decode "
+                                   "instance") from None
+        finally:
+            self._holding -= 1
+            self.metrics.held.dec()
+
+    def _release(self, instance: Instance, run: _Run) -> None:
+        instance.held.pop(run.leg_id, None)
+        run.held = None
+        room, self._room = self._room, asyncio.Event()
+        room.set()
+
+    def _pick_prefill(self) -> Instance:
+        assert self.handoff is not None
+        policy = self.handoff.prefill_policy
+        return self.registry.get(policy.pick(self.registry.snapshots(PREFILL, policy.name in LENGTH_AWARE)))
+
+    async def _disaggregated(self, run: _Run, handoff: Handoff, decode: Instance) -> AsyncIterator[Delta]:
         request, clock, context = run.request, run.clock, run.context
         n = len(context)
-        decode, prefill = self._pick(DECODE), self._pick(PREFILL)
+        prefill = self._pick_prefill()
         nbytes = blocks_for(n, decode.info.block_size) * decode.info.kv_block_bytes
         try:
             async with asyncio.timeout_at(request.deadline):
@@ -248,8 +347,7 @@ class Router:
         try:
             clock.dispatched = clock.dispatched or time.monotonic()
             first = await self._prefill(run, prefill, to_params(send))
-            run.produced += 1
-            run.generated += first.token_ids
+            run.produce(first.token_ids)
             if first.finish_reason is not None or run.produced == request.sampling.max_tokens:
                 run.finished = True
                 reason = first.finish_reason or "length"
@@ -280,6 +378,7 @@ class Router:
     async def _prefill(self, run: _Run, prefill: Instance, kv_params: dict[str, Any]) -> Any:
         request = run.request
         prefill.outstanding += 1
+        prefill.queued_prefill_tokens += len(run.context)
         call = prefill.channel.prefill(run.leg_id, run.context, request.sampling, kv_params)
         done = False
         try:
@@ -287,6 +386,7 @@ class Router:
             done = True
         finally:
             prefill.outstanding -= 1
+            prefill.queued_prefill_tokens -= len(run.context)
             if not done:
                 self._cleanup(prefill.handle.abort.remote(run.leg_id))
         if run.legs == 1:
@@ -317,8 +417,7 @@ class Router:
                             await run.on_first_chunk()
                     elif run.legs == 1:
                         clock.prefill_compute = chunk.prefill_compute
-                run.produced += len(chunk.token_ids)
-                run.generated += chunk.token_ids
+                run.produce(chunk.token_ids)
                 outcome = None
                 if chunk.finish_reason is not None:
                     if chunk.finish_reason not in ("stop", "length"):
@@ -377,6 +476,8 @@ class _Run:
     legs: int = 0
     on_first_chunk: Any = None  # awaited when the first chunk from the engine arrives
     prefill_instance: str = ""  # set once a prefill instance computed the prompt
+    prediction: LengthPrediction | None = None  # of the whole output (the resumed tokens included); None: none
+    held: Held | None = None  # the request on its current leg's decode (or colocated) instance
 
     def __post_init__(self) -> None:
         # A request the client resumes starts as a run that lost its worker after sending those tokens: its first
@@ -398,8 +499,23 @@ class _Run:
         rid = self.request.request_id
         return rid if self.legs <= 1 else f"{rid}.{self.legs}"
 
+    def produce(self, token_ids: list[int]) -> None:
+        self.produced += len(token_ids)
+        self.generated += token_ids
+        if self.held is not None:
+            self.held.generated += len(token_ids)
+
     def rest(self) -> Any:
         return replace(self.request.sampling, max_tokens=self.request.sampling.max_tokens - self.produced)
+
+
+def _prompt_text(request: Request) -> str | None:
+    """The text a length predictor reads: the prompt, or a chat's last user message; None for token ids."""
+    if request.prompt is not None:
+        return request.prompt
+    if request.chat is not None:
+        return next((m.content for m in reversed(request.chat) if m.role == "user"), request.chat[-1].content)
+    return None
 
 
 def _kv_wait(record: dict[str, Any] | None) -> float:

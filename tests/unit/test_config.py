@@ -38,6 +38,9 @@ def test_unknown_keys_are_errors():
     [
         ({"workers": {"instances": 0}}, "workers.instances must be >= 1"),
         ({"router": {"policy": "fastest"}}, "router.policy must be one of"),
+        ({"router": {"prefill_policy": "projected_kv"}}, "router.prefill_policy must be one of"),
+        ({"router": {"predictor": "/nonexistent/head.pt"}}, "router.predictor: no head file at"),
+        ({"router": {"hold_queue": -1}}, "router.hold_queue must be >= 0"),
         ({"engine": {"kv_cache_gib": 0}}, "engine.kv_cache_gib must be > 0"),
         ({"engine": {"dtype": "int4"}}, "engine.dtype must be"),
         ({"engine": {"max_model_len": 4096, "max_num_batched_tokens": 2048}}, "must be >= engine.max_model_len"),

@@ -1,7 +1,7 @@
 import pytest
 
 from pdserve.router.errors import NoInstance
-from pdserve.router.instance import InstanceSnapshot
+from pdserve.router.instance import InstanceSnapshot, RequestLoad
 from pdserve.router.policy import LeastOutstanding, RoundRobin, make_policy
 
 
@@ -45,3 +45,15 @@ def test_make_policy_names():
     assert make_policy("round_robin").name == "round_robin"
     with pytest.raises(ValueError, match="unknown policy 'fastest'"):
         make_policy("fastest")
+
+
+def test_a_held_request_counts_its_kv_so_far_and_what_its_prediction_leaves():
+    from pdserve.router.prediction import LengthPrediction
+    from pdserve.router.registry import Held
+
+    held = Held(context_tokens=100, max_tokens=50, prediction=LengthPrediction(20, 40))
+    assert held.load() == RequestLoad(100, 20, 40, 50)
+    held.generated = 30  # past its p50, short of its p90
+    assert held.load() == RequestLoad(130, 1, 10, 20)
+    held.generated = 45  # past both: one more token at least, never past max_tokens
+    assert held.load() == RequestLoad(145, 1, 1, 5)

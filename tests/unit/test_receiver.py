@@ -155,12 +155,15 @@ def test_a_release_fails_a_load_that_waits_for_the_called_off_transfer(receiver)
 
 def test_unclaimed_kv_is_freed_when_its_lease_runs_out():
     listener = shm.listen(config("decode-0"))
-    receiver = Receiver(listener, listener.address, lease_s=0.0)  # every stash is past its lease at once
+    lease_s = 60.0
+    receiver = Receiver(listener, listener.address, lease_s=lease_s)
     try:
         link = dial(receiver)
         link.send(layer_key("t", 0), [memoryview(b"\1" * SIZE)], 5.0)
         sync(receiver, link)
-        receiver.expire()
+        assert receiver.state()["stashed_bytes"] == SIZE  # nobody claimed it
+        assert receiver.expire() == 0  # within its lease
+        assert receiver.expire(now=time.monotonic() + lease_s + 1) == SIZE
         assert_clean(receiver)
         link.close()
     finally:

@@ -173,7 +173,7 @@ def test_wait_times_out_and_gives_the_buffer_back(kind: str) -> None:
         start = time.monotonic()
         with pytest.raises(TransportTimeout):
             receiver.wait(b"late", timeout=0.2)
-        assert time.monotonic() - start < 1.0
+        assert time.monotonic() - start < 5.0  # it gave up: a wait that ignored its timeout would block for good
         sender.send(b"late", [memoryview(b"x" * 1000)], 5.0)  # arrives after the timeout: discarded
         assert recv_after_send(receiver, sender, b"after", b"ok") == b"ok"
         assert dst == bytes(1000)
