@@ -65,9 +65,15 @@ async def _read(reader: asyncio.StreamReader, head: bytes = b"") -> Any:
     return json.loads(await reader.readexactly(n))
 
 
+def _fields(obj: Any) -> dict[str, Any]:
+    """A dataclass's fields by name, values as they are: unlike `dataclasses.asdict`, no deep copy of every
+    message on the way to JSON (which writes tuples as lists; `_sampling` turns them back)."""
+    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+
+
 def _call(request_id: str, prompt_token_ids: list[int], sampling: SamplingSpec,
           kv_params: dict[str, Any] | None) -> dict[str, Any]:
-    return {"id": request_id, "prompt": prompt_token_ids, "sampling": dataclasses.asdict(sampling), "kv": kv_params}
+    return {"id": request_id, "prompt": prompt_token_ids, "sampling": _fields(sampling), "kv": kv_params}
 
 
 def _sampling(fields: dict[str, Any]) -> SamplingSpec:
@@ -149,14 +155,14 @@ class ChannelServer:
                 finished = False
                 async for chunk in worker.generate(call["id"], call["prompt"], _sampling(call["sampling"]),
                                                    call["kv"]):
-                    writer.write(_frame({"chunk": dataclasses.asdict(chunk)}))
+                    writer.write(_frame({"chunk": _fields(chunk)}))
                     await writer.drain()
                     finished = chunk.finish_reason is not None
                 if not finished:
                     writer.write(_frame({"end": True}))
             elif method == "Prefill" and hasattr(worker, "prefill"):
                 result = await worker.prefill(call["id"], call["prompt"], _sampling(call["sampling"]), call["kv"])
-                writer.write(_frame({"result": dataclasses.asdict(result)}))
+                writer.write(_frame({"result": _fields(result)}))
             else:
                 writer.write(_frame({"error": {"code": INVALID_ARGUMENT,
                                                "message": f"this worker serves no method {method!r}"}}))
