@@ -295,6 +295,12 @@ def _tls_options(tls: TlsConfig) -> dict[str, Any]:
     return options
 
 
+# How long an idle client connection stays open. Longer than clients keep idle pooled connections (aiohttp 15 s,
+# httpx 5 s), so the client closes first: with uvicorn's 5 s a pooled connection could close under a client that
+# had just begun writing a request on it, which the client sees as a failed request.
+KEEP_ALIVE_S = 75
+
+
 async def start_http(
     router: Router, host: str, port: int, security: Security | None = None
 ) -> tuple[HttpServer, int]:
@@ -304,7 +310,7 @@ async def start_http(
     sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
     app = build_app(router, security.token)
     config = uvicorn.Config(app, lifespan="off", log_config=None, access_log=False, ws="none",
-                            **_tls_options(security.tls))
+                            timeout_keep_alive=KEEP_ALIVE_S, **_tls_options(security.tls))
     server = _Server(config)
     task = asyncio.create_task(server.serve(sockets=[sock]), name="pdserve-http")
     task.add_done_callback(_report_exit)

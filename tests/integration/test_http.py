@@ -7,7 +7,9 @@ or while it waits for a whole response, stops its request in the engines.
 
 from __future__ import annotations
 
+import http.client
 import json
+import time
 import urllib.error
 import urllib.request
 
@@ -164,6 +166,22 @@ def test_malformed_body_is_400_in_openai_shape(base_url, data, message, param):
     error = json.loads(e.value.read())["error"]
     assert e.value.code == 400
     assert error["message"].startswith(message) and error["param"] == param
+
+
+def test_an_idle_connection_outlives_clients_pool_timeouts(deployment):
+    """A keep-alive connection left idle past uvicorn's default 5 s still serves the next request."""
+    connection = http.client.HTTPConnection("127.0.0.1", deployment.http_port, timeout=30)
+    try:
+        connection.request("GET", "/v1/models")
+        assert connection.getresponse().read() and connection.sock is not None
+        sock = connection.sock
+        time.sleep(6.0)  # the idle time under test, not a wait for anything
+        connection.request("GET", "/v1/models")
+        reply = connection.getresponse()
+        assert reply.status == 200 and json.loads(reply.read())["data"]
+        assert connection.sock is sock  # the same connection, not a new one
+    finally:
+        connection.close()
 
 
 def test_unknown_path_is_404_in_openai_shape(base_url):
