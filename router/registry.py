@@ -27,9 +27,11 @@ class Held:
     prediction: LengthPrediction
     generated: int = 0
 
-    def load(self) -> RequestLoad:
+    def load(self, pad: int = 0) -> RequestLoad:
+        """Its load now, counting `pad` more KV tokens than it has (the unused end of its last block)."""
         left = remaining(self.prediction, self.generated, self.max_tokens)
-        return RequestLoad(self.context_tokens + self.generated, left.p50, left.p90, self.max_tokens - self.generated)
+        return RequestLoad(self.context_tokens + self.generated + pad, left.p50, left.p90,
+                           self.max_tokens - self.generated)
 
 
 @dataclass(slots=True)
@@ -55,8 +57,12 @@ class Instance:
         if not detailed:
             return InstanceSnapshot(self.instance_id, self.role, self.outstanding, self.healthy,
                                     draining=self.draining)
+        # The engine hands KV out in whole blocks: n requests of x_i tokens take sum(ceil(x_i / B)) blocks, which
+        # fit the capacity C (a multiple of B) exactly when sum(x_i) + n * (B - 1) <= C + B - 1. So each held
+        # request counts B - 1 tokens more than it has, and the one being placed is counted as it is.
+        pad = self.info.block_size - 1
         return InstanceSnapshot(self.instance_id, self.role, self.outstanding, self.healthy, self.kv_capacity_tokens,
-                                tuple(h.load() for h in self.held.values()), self.queued_prefill_tokens,
+                                tuple(h.load(pad) for h in self.held.values()), self.queued_prefill_tokens,
                                 draining=self.draining)
 
 
