@@ -36,6 +36,7 @@ class EngineStats:
     waiting: int = 0
     kv_cache_usage: float = 0.0  # share of KV blocks in use, 0.0 .. 1.0
     reports: int = 0  # scheduler reports seen; grows while the engine works
+    preemptions: int = 0  # requests the scheduler preempted (KV ran out) since the engine started
 
     @property
     def idle(self) -> bool:
@@ -77,12 +78,16 @@ def _stats_logger(sink: list[EngineStats], changed: asyncio.Event, transfers: Or
 
         def record(self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None,
                    engine_idx: int = 0) -> None:
+            preempted = iteration_stats.num_preempted_reqs if iteration_stats is not None else 0
+            if preempted:
+                sink[0] = dataclasses.replace(sink[0], preemptions=sink[0].preemptions + preempted)
             if scheduler_stats is not None:
                 sink[0] = EngineStats(
                     running=scheduler_stats.num_running_reqs,
                     waiting=scheduler_stats.num_waiting_reqs,
                     kv_cache_usage=scheduler_stats.kv_cache_usage,
                     reports=sink[0].reports + 1,
+                    preemptions=sink[0].preemptions,
                 )
                 for kind, records in (scheduler_stats.kv_connector_stats or {}).items():
                     for record in records if isinstance(records, list) else ():

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from pdserve.router.timings import PhaseTimings
@@ -105,7 +105,7 @@ class _PoolCollector(Collector):
         self._instances = instances
         self._admission_waiting = admission_waiting
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         labels = ["instance", "role"]
         healthy = GaugeMetricFamily("pdserve_instance_healthy", "1 while the instance is in the pool", labels=labels)
         outstanding = GaugeMetricFamily("pdserve_instance_outstanding_requests",
@@ -115,6 +115,8 @@ class _PoolCollector(Collector):
                                     "Requests queued in the instance's engine (last heartbeat)", labels=labels)
         kv = GaugeMetricFamily("pdserve_instance_kv_cache_usage_ratio",
                                "Share of the instance's KV blocks in use, 0 to 1 (last heartbeat)", labels=labels)
+        preempted = CounterMetricFamily("pdserve_instance_preemptions", "Requests the instance's engine preempted "
+                                        "because its KV blocks ran out (last heartbeat)", labels=labels)
         for i in self._instances():
             key = [i.instance_id, i.role]
             healthy.add_metric(key, float(i.healthy))
@@ -122,10 +124,11 @@ class _PoolCollector(Collector):
             if i.stats is not None:
                 waiting.add_metric(key, float(i.stats.waiting))
                 kv.add_metric(key, float(i.stats.kv_cache_usage))
+                preempted.add_metric(key, float(i.stats.preemptions))
         queue = GaugeMetricFamily("pdserve_admission_waiting_requests",
                                   "Requests waiting for an admission slot (router.max_outstanding)")
         queue.add_metric([], float(self._admission_waiting()))
-        yield from (healthy, outstanding, waiting, kv, queue)
+        yield from (healthy, outstanding, waiting, kv, preempted, queue)
 
 
 def serve_metrics(metrics: RouterMetrics, host: str, port: int) -> tuple[Any, int]:

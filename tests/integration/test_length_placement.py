@@ -3,8 +3,9 @@
 The instance's KV capacity (19 blocks of 128 tokens: 2,432 tokens) holds two requests of a 100-token prompt and
 900 output tokens (1,000 tokens each at their peak) but not three. With no predictor every request is taken to
 run to its max_tokens, so the router runs two at once, holds the third until one ends, and refuses a fourth
-(`router.hold_queue: 1`) with RESOURCE_EXHAUSTED and a retry hint. With a predictor, a finished request's length
-is compared with its prediction in the Prometheus metrics.
+(`router.hold_queue: 1`) with RESOURCE_EXHAUSTED and a retry hint. With `least_outstanding` instead, three such
+requests all go to the engine, which runs out of KV blocks and preempts (counted in the router's instance
+metrics). With a predictor, a finished request's length is compared with its prediction in the Prometheus metrics.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import pytest
 from pdserve_client import Client
 from pdserve_client.errors import ResourceExhausted
 
+from pdserve.router.policy import make_policy
 from pdserve.router.prediction import FixedPrediction
 from tests.conftest import TINY_ENGINE, start_deployment, stop_deployment
 from tests.integration.test_prometheus import scraped_now
@@ -81,6 +83,32 @@ def test_the_instance_runs_what_its_kv_holds_holds_one_more_and_refuses_the_next
     assert len(spans) == 3
     assert most_at_once(spans) == 2  # the held request began once one of the first two had ended
     assert instance.held == {} and scraped_now(dep)["pdserve_requests_held"] == 0
+
+
+def preemptions_past(instance, count: int, within_s: float = 30.0) -> int:
+    """The engine's preemption count once a heartbeat has brought one above `count` (or as it stands at the end)."""
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        if instance.stats is not None and instance.stats.preemptions > count:
+            break
+        time.sleep(0.1)  # polling the heartbeat-fed stats, bounded by the deadline
+    return instance.stats.preemptions if instance.stats is not None else 0
+
+
+def test_least_outstanding_overfills_the_kv_and_the_engine_preempts(dep):
+    (instance,) = dep.router.registry.all()
+    before = instance.stats.preemptions if instance.stats is not None else 0
+    dep.router.policy = make_policy("least_outstanding")
+    try:
+        results = run_streams(dep, 3)
+    finally:
+        dep.router.policy = make_policy("projected_kv")
+    spans = [r for r in results if not isinstance(r, ResourceExhausted)]
+    assert len(spans) == 3 and most_at_once(spans) == 3
+    preempted = preemptions_past(instance, before)
+    assert preempted > before
+    labels = f'instance="{instance.instance_id}",role="{instance.role}"'
+    assert scraped_now(dep)[f"pdserve_instance_preemptions_total{{{labels}}}"] == preempted
 
 
 def test_finished_requests_are_scored_against_their_prediction(dep):
