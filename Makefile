@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint proto bench-overhead bench-serve fuzz chaos clean prometheus
+.PHONY: demo test test-fast lint proto bench-overhead bench-serve bench-placement fuzz chaos clean prometheus
 
 # The Prometheus tests run the real server and promtool (Debian's package). The tests start their own server, so
 # the system service the package installs is disabled where systemd runs.
@@ -59,6 +59,13 @@ bench-overhead: $(STAMP)
 # disaggregated example; SmolLM2 on this machine's cores, 40 requests of the mixed workload at 0.2 req/s each.
 bench-serve: $(STAMP)
 	$(BIN)/pdserve bench serve --rate 0.2 --requests 40 --slo-ttft-ms 5000 --slo-tpot-ms 250
+
+# Length-aware (projected_kv, with the committed predictor head) against least-outstanding decode placement, live:
+# SmolLM2 1P2D with little KV per decode engine, ShareGPT chats ending where the model ends them, 16 in flight.
+bench-placement: $(STAMP)
+	$(BIN)/pdserve bench serve --config pdserve/bench/placement.yaml --targets pdserve-1p2d pdserve-1p2d-projected \
+		--dataset sharegpt --chat --natural-stop --requests 48 --rate inf --max-concurrency 16 \
+		--slo-ttft-ms 5000 --slo-tpot-ms 250 --out bench-results/placement.json
 
 # The long fuzz run: 2,000 examples in each of the 5 fuzz tests, 10,000 cases (`make test` runs 150 each).
 fuzz: $(STAMP)

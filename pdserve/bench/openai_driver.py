@@ -129,7 +129,7 @@ class OpenAIDriver:
     def body(self, request: BenchRequest) -> dict[str, Any]:
         prompt = request.prompt if isinstance(request.prompt, str) else list(request.prompt)
         return {"model": self._model, "prompt": prompt, "max_tokens": request.max_tokens, "temperature": 0.0,
-                "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
+                "ignore_eos": request.ignore_eos, "stream": True, "stream_options": {"include_usage": True},
                 "return_token_ids": True}
 
     async def send(self, request: BenchRequest, timeout: float) -> RequestTrace:

@@ -2,7 +2,8 @@
 
 Contract. `pdserve_server(config, log)` writes `config` (a serve config as a dict, ports 0) to a file next to
 `log`, starts `python -m pdserve.cli serve --config FILE` in its own process group with its output in `log`, and
-yields the addresses it printed once it serves: `(grpc_target "HOST:PORT", http_base_url "http://HOST:PORT/v1")`.
+yields the addresses it printed once it serves: `(grpc_target "HOST:PORT", http_base_url "http://HOST:PORT/v1",
+metrics_url "http://HOST:PORT/metrics")`.
 A server that exits first, or does not serve within `STARTUP_TIMEOUT_S`, raises `PeerStartError` with the tail of
 its log. On exit the group gets SIGTERM (pdserve stops its deployment and its local Ray), and SIGKILL for what is
 left of it after a grace period, like the vLLM peers (`pdserve.bench.peers.ServerProcess`).
@@ -27,12 +28,12 @@ import yaml
 
 from pdserve.bench.peers import STARTUP_TIMEOUT_S, ServerProcess, start_failure
 
-SERVING = re.compile(r"pdserve serving gRPC on (\S+), OpenAI-compatible HTTP on (\S+), metrics")
+SERVING = re.compile(r"pdserve serving gRPC on (\S+), OpenAI-compatible HTTP on (\S+), metrics on (\S+)")
 STOP_GRACE_S = 30.0  # pdserve stops its engines, then its local Ray
 
 
 @contextlib.asynccontextmanager
-async def pdserve_server(config: dict[str, Any], log: Path) -> AsyncIterator[tuple[str, str]]:
+async def pdserve_server(config: dict[str, Any], log: Path) -> AsyncIterator[tuple[str, str, str]]:
     log.parent.mkdir(parents=True, exist_ok=True)
     config_file = log.with_suffix(".yaml")
     config_file.write_text(yaml.safe_dump(config))
@@ -42,19 +43,19 @@ async def pdserve_server(config: dict[str, Any], log: Path) -> AsyncIterator[tup
                                    start_new_session=True)
     server = ServerProcess("pdserve", process, "", log, None)
     try:
-        grpc_target, http_url = await _serving(process, log)
+        grpc_target, http_url, metrics_url = await _serving(process, log)
         server.url = http_url.removesuffix("/v1")
-        yield grpc_target, http_url
+        yield grpc_target, http_url, metrics_url
     finally:
         await server.stop(STOP_GRACE_S)
 
 
-async def _serving(process: subprocess.Popen[bytes], log: Path) -> tuple[str, str]:
+async def _serving(process: subprocess.Popen[bytes], log: Path) -> tuple[str, str, str]:
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while True:
         found = SERVING.search(log.read_text(errors="replace"))
         if found:
-            return found.group(1), found.group(2)
+            return found.group(1), found.group(2), found.group(3)
         if (code := process.poll()) is not None:
             raise start_failure("pdserve", f"exited with code {code} before it served", log)
         if time.monotonic() > deadline:

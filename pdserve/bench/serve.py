@@ -45,11 +45,12 @@ from pdserve.bench.serve_metrics import (
     goodput_search,
     summarize,
 )
-from pdserve.bench.serve_targets import CLIENTS, TARGETS, Driver, TargetSpec, started
+from pdserve.bench.serve_targets import CLIENTS, TARGETS, Driver, TargetSpec, preemptions, started
 from pdserve.bench.workload import ArrivalConfig, BenchRequest, arrival_times
 from pdserve.config import load_config
 
 REFERENCE = "pdserve-disagg"
+HEARTBEAT_S = 1.5  # a little over the router's heartbeat period: engine counters it reports are this fresh
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,7 @@ class Run:
     rate: float
     traces: list[RequestTrace]
     metrics: ServeMetrics
+    preemptions: int | None = None  # the target's engines' preemptions during the run (pdserve targets)
 
 
 @dataclass
@@ -126,6 +128,7 @@ async def run_once(driver: Driver, plan: Plan, rate: float, label: str) -> Run:
     arrivals = arrival_times(len(plan.requests), ArrivalConfig(rate, plan.arrivals.burstiness, plan.arrivals.seed))
     slots = asyncio.Semaphore(plan.max_concurrency) if plan.max_concurrency else None
     bar = tqdm(total=len(plan.requests), desc=f"{label} @ {rate_key(rate)} req/s", file=sys.stderr)
+    preempted_before = await preemptions(driver)
     start = time.monotonic()
 
     async def one(request: BenchRequest, at: float) -> RequestTrace:
@@ -143,7 +146,11 @@ async def run_once(driver: Driver, plan: Plan, rate: float, label: str) -> Run:
     finally:
         bar.close()
     duration = time.monotonic() - start
-    return Run(rate, traces, summarize(traces, duration, plan.slo))
+    preempted = None
+    if preempted_before is not None:
+        await asyncio.sleep(HEARTBEAT_S)  # the router's counters are as of its last heartbeat
+        preempted = (await preemptions(driver) or 0) - preempted_before
+    return Run(rate, traces, summarize(traces, duration, plan.slo), preempted)
 
 
 async def _search(driver: Driver, plan: Plan, label: str, result: TargetResult) -> SearchResult:
@@ -186,13 +193,15 @@ def _ratio(mine: float | None, theirs: float | None) -> str:
     return f"{mine / theirs:.2f}"
 
 
-LATENCY_HEADERS = ["target", "done", "failed", "TTFT p50 ms", "TTFT p99 ms", "TPOT p50 ms", "TPOT p99 ms",
+LATENCY_HEADERS = ["target", "done", "failed", "preempted", "TTFT p50 ms", "TTFT p99 ms", "TPOT p50 ms", "TPOT p99 ms",
                    "ITL p50 ms", "ITL p99 ms", "E2E p50 s", "E2E p99 s"]
 
 
-def latency_rows(results: dict[str, ServeMetrics]) -> list[list[object]]:
-    return [[name, m.completed, m.failed, _ms(m.ttft.median), _ms(m.ttft.at(99)), _ms(m.tpot.median),
-             _ms(m.tpot.at(99)), _ms(m.itl.median), _ms(m.itl.at(99)), f"{m.e2e.median:.2f}", f"{m.e2e.at(99):.2f}"]
+def latency_rows(results: dict[str, ServeMetrics], preempted: dict[str, int | None]) -> list[list[object]]:
+    """`preempted`: the engines' preemptions per target ("-" where the target does not report them)."""
+    return [[name, m.completed, m.failed, "-" if preempted.get(name) is None else preempted[name],
+             _ms(m.ttft.median), _ms(m.ttft.at(99)), _ms(m.tpot.median), _ms(m.tpot.at(99)), _ms(m.itl.median),
+             _ms(m.itl.at(99)), f"{m.e2e.median:.2f}", f"{m.e2e.at(99):.2f}"]
             for name, m in results.items()]
 
 
@@ -249,7 +258,8 @@ def samples_json(traces: Sequence[RequestTrace]) -> dict[str, list[Any]]:
 
 
 def _run_json(run: Run) -> dict[str, Any]:
-    return {"rate_rps": rate_key(run.rate), **run.metrics.to_json(), **samples_json(run.traces)}
+    return {"rate_rps": rate_key(run.rate), **run.metrics.to_json(), "preemptions": run.preemptions,
+            **samples_json(run.traces)}
 
 
 def to_json(args: argparse.Namespace, plan: Plan, results: dict[str, TargetResult]) -> dict[str, Any]:
@@ -275,7 +285,8 @@ def print_report(plan: Plan, results: dict[str, TargetResult], describe: str) ->
     for i, rate in enumerate(plan.rates):
         at_rate = {name: r.runs[i].metrics for name, r in results.items()}
         print(f"\n== {rate_key(rate)} req/s ==")
-        print(table(LATENCY_HEADERS, latency_rows(at_rate)))
+        preempted = {name: r.runs[i].preemptions for name, r in results.items()}
+        print(table(LATENCY_HEADERS, latency_rows(at_rate, preempted)))
         print()
         print(table(throughput_headers(reference), throughput_rows(at_rate, reference)))
     if plan.search is not None:

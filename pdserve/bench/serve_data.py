@@ -14,6 +14,10 @@ what to pass instead, before anything is started. Datasets (lengths in tokens of
 - `file`: a JSONL file (`--dataset-path`) of {"prompt": text or token ids, "max_tokens": n}; its first
   `--requests` lines.
 
+`--chat` sends each ShareGPT prompt as the served model's chat template renders a one-message chat (text, so
+every target gets the same tokens); `--natural-stop` lets the model end each request (greedy, at most its
+`max_tokens`) instead of generating exactly `max_tokens` tokens, so output lengths are the model's own.
+
 Every request's `max_tokens` is capped at the router's `max_tokens_limit` (pdserve refuses more; a plain vLLM
 server would not), so all targets get the same requests and none is refused for its length.
 `warmup_requests` are short token-id requests outside the set, sent once per target before it is measured.
@@ -68,10 +72,12 @@ def warmup_requests(seed: int) -> list[BenchRequest]:
 
 
 def check_dataset(dataset: str, path: str | None, input_len: int | None, max_model_len: int,
-                  output_len: int | None = None, range_ratio: float = 0.0) -> None:
+                  output_len: int | None = None, range_ratio: float = 0.0, chat: bool = False) -> None:
     """Raises ValueError for a dataset choice that cannot run as given."""
     if dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; choose from {', '.join(DATASETS)}")
+    if chat and dataset != "sharegpt":
+        raise ValueError(f"--chat is for --dataset sharegpt (text prompts), not --dataset {dataset}")
     if dataset == "file" and not path:
         raise ValueError("--dataset file needs --dataset-path FILE.jsonl")
     if dataset != "file" and path:
@@ -87,12 +93,16 @@ def check_dataset(dataset: str, path: str | None, input_len: int | None, max_mod
                              f"the engine's max_model_len {max_model_len}")
 
 
-def _tokenizer(engine: EngineConfig) -> Tokenizer:
+def _hf_tokenizer(engine: EngineConfig) -> Any:
     from transformers import AutoTokenizer
 
     from pdserve.models import resolve_model
 
-    tokenizer: Any = AutoTokenizer.from_pretrained(str(resolve_model(engine.model)), local_files_only=True)
+    return AutoTokenizer.from_pretrained(str(resolve_model(engine.model)), local_files_only=True)
+
+
+def _tokenizer(engine: EngineConfig) -> Tokenizer:
+    tokenizer = _hf_tokenizer(engine)
 
     def encode(text: str) -> list[int]:
         return list(tokenizer.encode(text, add_special_tokens=True))  # as the router and vLLM tokenize prompts
@@ -105,12 +115,15 @@ def cap_outputs(requests: list[BenchRequest], max_tokens_limit: int) -> list[Ben
 
 
 def build_requests(args: argparse.Namespace, engine: EngineConfig, max_tokens_limit: int) -> list[BenchRequest]:
-    return cap_outputs(_requests(args, engine), max_tokens_limit)
+    requests = cap_outputs(_requests(args, engine), max_tokens_limit)
+    if args.natural_stop:
+        requests = [dataclasses.replace(r, ignore_eos=False) for r in requests]
+    return requests
 
 
 def _requests(args: argparse.Namespace, engine: EngineConfig) -> list[BenchRequest]:
     check_dataset(args.dataset, args.dataset_path, args.input_len, engine.max_model_len, args.output_len,
-                  args.range_ratio)
+                  args.range_ratio, args.chat)
     count, seed = args.requests, args.seed
     if args.dataset == "mixed":
         return mixed_workload(count, engine.max_model_len, seed)
@@ -122,7 +135,19 @@ def _requests(args: argparse.Namespace, engine: EngineConfig) -> list[BenchReque
 
     config = ShareGPTConfig(count, seed, max_prompt_tokens=min(1024, engine.max_model_len // 2),
                             max_total_tokens=min(2048, engine.max_model_len), output_tokens=args.output_len)
-    return sample_sharegpt(load_sharegpt(), _tokenizer(engine), config)
+    requests = sample_sharegpt(load_sharegpt(), _tokenizer(engine), config)
+    return _as_chats(requests, engine) if args.chat else requests
+
+
+def _as_chats(requests: list[BenchRequest], engine: EngineConfig) -> list[BenchRequest]:
+    """Each text prompt as the chat template renders it as one user message, with its length re-measured."""
+    tokenizer, encode = _hf_tokenizer(engine), _tokenizer(engine)
+    chats = []
+    for r in requests:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": r.prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+        chats.append(dataclasses.replace(r, prompt=text, prompt_tokens=len(encode(text))))
+    return chats
 
 
 def describe(args: argparse.Namespace) -> str:
@@ -143,3 +168,6 @@ def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input-len", type=int, help="--dataset random: prompt tokens (default 128)")
     parser.add_argument("--output-len", type=int, help="--dataset random (default 128) or sharegpt: output tokens")
     parser.add_argument("--range-ratio", type=float, default=0.0, help="--dataset random: lengths within this ratio")
+    parser.add_argument("--chat", action="store_true", help="--dataset sharegpt: prompts in the chat template")
+    parser.add_argument("--natural-stop", action="store_true",
+                        help="the model ends each request (at most max_tokens) instead of running to max_tokens")

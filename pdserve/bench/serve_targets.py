@@ -12,6 +12,9 @@ generator shares no event loop or GIL with the router; `in_process=True` deploys
 Targets (the same cores, one after another):
 - `pdserve-disagg`: pdserve 1P1D (one prefill and one decode instance, one core each).
 - `pdserve-colocated`: pdserve with two colocated instances (one core each), the same router.
+- `pdserve-1p2d`: pdserve 1P2D, decodes placed by `least_outstanding` (three engines on the cores, wrapping).
+- `pdserve-1p2d-projected`: the same with decodes placed by `projected_kv` (length-aware; the base config's
+  `router.predictor` and `router.hold_queue` apply to every pdserve target).
 - `vllm`: one plain vLLM OpenAI server on one core, the single-engine reference.
 - `vllm-2x`: two plain vLLM servers (one core each) behind a round-robin proxy.
 - `vllm-disagg`: vLLM's own disaggregated prefill as its example runs it (`peers.vllm_disagg_example`): a
@@ -35,10 +38,14 @@ from pdserve.bench.serve_metrics import RequestTrace
 from pdserve.bench.workload import BenchRequest
 from pdserve.config import EngineConfig, ServeConfig, config_from_dict
 
+ONE_P_TWO_D = {"mode": "disaggregated", "prefill_instances": 1, "decode_instances": 2}
 PDSERVE_TARGETS: dict[str, dict[str, Any]] = {
     "pdserve-disagg": {"mode": "disaggregated", "prefill_instances": 1, "decode_instances": 1},
     "pdserve-colocated": {"mode": "colocated", "instances": 2},
+    "pdserve-1p2d": ONE_P_TWO_D,
+    "pdserve-1p2d-projected": ONE_P_TWO_D,
 }
+DECODE_POLICY = {"pdserve-1p2d": "least_outstanding", "pdserve-1p2d-projected": "projected_kv"}  # else the base's
 PEER_TARGETS: dict[str, int] = {"vllm": 1, "vllm-2x": 2, "vllm-disagg": 2}  # vLLM servers, one core each
 TARGETS = [*PDSERVE_TARGETS, *PEER_TARGETS]
 CLIENTS = ("openai", "grpc")
@@ -46,6 +53,37 @@ CLIENTS = ("openai", "grpc")
 
 class Driver(Protocol):
     async def send(self, request: BenchRequest, timeout: float) -> RequestTrace: ...
+
+
+class Counted:
+    """A pdserve target's driver that also reads the target's engine counters from its Prometheus endpoint."""
+
+    def __init__(self, driver: Driver, metrics_url: str) -> None:
+        self._driver = driver
+        self._metrics_url = metrics_url
+
+    async def send(self, request: BenchRequest, timeout: float) -> RequestTrace:
+        return await self._driver.send(request, timeout)
+
+    async def preemptions(self) -> int:
+        """Requests the target's engines have preempted so far (as of the router's last heartbeat, 1 s)."""
+        import aiohttp
+        from prometheus_client.parser import text_string_to_metric_families
+
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30.0)) as http, \
+                http.get(self._metrics_url) as reply:
+            reply.raise_for_status()
+            text = await reply.text()
+        return int(sum(s.value for f in text_string_to_metric_families(text) if f.name == PREEMPTIONS
+                       for s in f.samples if s.name == f"{PREEMPTIONS}_total"))
+
+
+PREEMPTIONS = "pdserve_instance_preemptions"
+
+
+async def preemptions(driver: Driver) -> int | None:
+    """The target's engine preemptions so far, for targets that report them (pdserve); None for the others."""
+    return await driver.preemptions() if isinstance(driver, Counted) else None
 
 
 @dataclass(frozen=True)
@@ -70,14 +108,16 @@ class TargetSpec:
         return dataclasses.replace(self.base.engine, model=self.model) if self.model else self.base.engine
 
 
-def target_data(base: ServeConfig, workers: dict[str, Any], model: str | None) -> dict[str, object]:
-    """A pdserve target's serve config, as the YAML document `pdserve serve` reads (ports 0: any free one)."""
+def target_data(base: ServeConfig, name: str, model: str | None) -> dict[str, object]:
+    """Pdserve target `name`'s serve config, as the YAML document `pdserve serve` reads (ports 0: any free one)."""
+    r = base.router
     return {
         "ray": {"num_cpus": max(4, os.cpu_count() or 2), "log_to_driver": False},
         "engine": dataclasses.asdict(base.engine) | ({"model": model} if model else {}),
-        "workers": workers,
+        "workers": PDSERVE_TARGETS[name],
         "transfer": dataclasses.asdict(base.transfer),
-        "router": {"port": 0, "http_port": 0, "metrics_port": 0, "max_tokens_limit": base.router.max_tokens_limit},
+        "router": {"port": 0, "http_port": 0, "metrics_port": 0, "max_tokens_limit": r.max_tokens_limit,
+                   "policy": DECODE_POLICY.get(name, r.policy), "predictor": r.predictor, "hold_queue": r.hold_queue},
     }
 
 
@@ -103,7 +143,7 @@ class GrpcDriver:
         tokens: list[int] = []
         try:
             async for chunk in self._client.generate(prompt, max_tokens=request.max_tokens, temperature=0.0,
-                                                     ignore_eos=True, timeout=timeout):
+                                                     ignore_eos=request.ignore_eos, timeout=timeout):
                 if chunk.token_ids:
                     times.append(time.monotonic())
                     tokens.append(len(chunk.token_ids))
@@ -138,20 +178,20 @@ def _pdserve_driver(spec: TargetSpec, grpc_target: str, base_url: str) -> AsyncC
 
 @contextlib.asynccontextmanager
 async def _pdserve(spec: TargetSpec) -> AsyncIterator[Driver]:
-    data = target_data(spec.base, PDSERVE_TARGETS[spec.name], spec.model)
+    data = target_data(spec.base, spec.name, spec.model)
     if not spec.in_process:  # its own process, as a user runs it and as the vLLM peers run
         from pdserve.bench.pdserve_server import pdserve_server
 
-        async with pdserve_server(data, spec.log_dir / spec.name / "pdserve.log") as (grpc_target, base_url), \
+        async with pdserve_server(data, spec.log_dir / spec.name / "pdserve.log") as (grpc_target, base_url, metrics),\
                 _pdserve_driver(spec, grpc_target, base_url) as driver:
-            yield driver
+            yield Counted(driver, metrics)
         return
     from pdserve.cluster import deploy
 
     dep = await deploy(config_from_dict(data))
     try:
         async with _pdserve_driver(spec, dep.target, f"http://127.0.0.1:{dep.http_port}/v1") as driver:
-            yield driver
+            yield Counted(driver, f"http://127.0.0.1:{dep.metrics_port}/metrics")
     finally:
         await dep.stop()
 

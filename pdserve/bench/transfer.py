@@ -29,7 +29,7 @@ from typing import Any
 from tqdm import tqdm
 
 from pdserve.bench.report import percentile, table, write_json
-from pdserve.bench.serve_targets import PDSERVE_TARGETS, target_data
+from pdserve.bench.serve_targets import target_data
 from pdserve.config import ServeConfig, config_from_dict, load_config
 from pdserve.kv_transfer.params import RecvSpec, SendSpec, to_params
 from pdserve.router.request import SamplingSpec
@@ -141,7 +141,7 @@ def summarize(samples: list[Sample], raw: dict[str, Any], transport: str) -> dic
 def main(args: argparse.Namespace) -> int:
     from pdserve.bench.transport import measure
 
-    config = config_from_dict(target_data(load_config(args.config), PDSERVE_TARGETS["pdserve-disagg"], args.model))
+    config = config_from_dict(target_data(load_config(args.config), "pdserve-disagg", args.model))
     if args.prompt_tokens >= config.engine.max_model_len:
         raise SystemExit(f"--prompt-tokens must be below the model's max_model_len ({config.engine.max_model_len})")
     samples = asyncio.run(_real(config, args.prompt_tokens, args.requests))

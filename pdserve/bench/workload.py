@@ -51,6 +51,7 @@ class BenchRequest:
     prompt: str | tuple[int, ...]
     prompt_tokens: int
     max_tokens: int
+    ignore_eos: bool = True  # False: the model ends the request (at most max_tokens)
 
 
 # ---- arrivals -------------------------------------------------------------------------------------------

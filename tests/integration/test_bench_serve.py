@@ -1,7 +1,9 @@
-"""`pdserve bench serve` end to end on the tiny model: both pdserve targets, two rates, a concurrency cap.
+"""`pdserve bench serve` end to end on the tiny model: three pdserve targets (1P1D, colocated, and 1P2D placing
+decodes by projected KV), two rates, a concurrency cap.
 
-Every request completes at every rate on both targets; the JSON holds each target at each rate, the printed
-report names both targets, and the latency CDFs and the rate plot are PNG files.
+Every request completes at every rate on every target; the JSON holds each target at each rate with its
+engines' preemption count (none at this load), the printed report names every target, and the latency CDFs and
+the rate plot are PNG files.
 """
 
 from __future__ import annotations
@@ -16,12 +18,12 @@ from tests.conftest import TINY_ENGINE
 
 pytestmark = pytest.mark.integration
 
-TARGETS = ["pdserve-disagg", "pdserve-colocated"]
+TARGETS = ["pdserve-disagg", "pdserve-colocated", "pdserve-1p2d-projected"]
 REQUESTS = 6
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-def test_bench_serve_runs_both_pdserve_targets_at_two_rates(tiny_model, tmp_path, capsys):
+def test_bench_serve_runs_the_pdserve_targets_at_two_rates(tiny_model, tmp_path, capsys):
     pytest.importorskip("matplotlib")
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump({"engine": {"model": str(tiny_model), **TINY_ENGINE},
@@ -40,6 +42,7 @@ def test_bench_serve_runs_both_pdserve_targets_at_two_rates(tiny_model, tmp_path
         for run in data["results"][target].values():
             assert (run["completed"], run["failed"]) == (REQUESTS, 0), run["errors"]
             assert len(run["ttfts_ms"]) == REQUESTS and run["total_output_tokens"] > 0
+            assert run["preemptions"] == 0
 
     plots = sorted(p.name for p in tmp_path.glob("*.png"))
     assert plots == ["serve-cdf-4.png", "serve-cdf-8.png", "serve-rates.png"]

@@ -81,6 +81,7 @@ def test_search_rows_name_the_best_rate_and_where_it_fell_in_the_range():
     ({"dataset": "random", "path": None, "input_len": 900, "output_len": 200}, "more than the engine's max_model_len"),
     ({"dataset": "random", "path": None, "range_ratio": 1.0}, "range-ratio"),
     ({"dataset": "mystery", "path": None}, "unknown dataset"),
+    ({"dataset": "mixed", "path": None, "chat": True}, "--chat is for --dataset sharegpt"),
 ])
 def test_dataset_choices_that_cannot_run_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -174,3 +175,20 @@ def test_target_specs_refuse_unknown_targets_and_grpc_for_vllm_peers():
         TargetSpec("vllm-2x", base, None, "grpc")
     with pytest.raises(ValueError, match="unknown target"):
         TargetSpec("sglang", base, None)
+
+
+def test_the_placement_benchmark_config_loads_with_its_committed_predictor():
+    from pathlib import Path
+
+    from pdserve.bench.serve_targets import target_data
+    from pdserve.config import config_from_dict, load_config
+    from pdserve.predictor.head import load_head
+
+    root = Path(__file__).resolve().parents[2]
+    base = load_config(root / "pdserve/bench/placement.yaml")
+    assert base.router.predictor is not None
+    load_head(root / base.router.predictor)
+    projected = config_from_dict(target_data(base, "pdserve-1p2d-projected", None))
+    least = config_from_dict(target_data(base, "pdserve-1p2d", None))
+    assert (projected.router.policy, least.router.policy) == ("projected_kv", "least_outstanding")
+    assert projected.workers == least.workers and projected.workers.decode_instances == 2
