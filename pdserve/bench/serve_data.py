@@ -102,8 +102,10 @@ def _hf_tokenizer(engine: EngineConfig) -> Any:
 
 
 def _tokenizer(engine: EngineConfig) -> Tokenizer:
-    tokenizer = _hf_tokenizer(engine)
+    return _encoder(_hf_tokenizer(engine))
 
+
+def _encoder(tokenizer: Any) -> Tokenizer:
     def encode(text: str) -> list[int]:
         return list(tokenizer.encode(text, add_special_tokens=True))  # as the router and vLLM tokenize prompts
 
@@ -135,13 +137,14 @@ def _requests(args: argparse.Namespace, engine: EngineConfig) -> list[BenchReque
 
     config = ShareGPTConfig(count, seed, max_prompt_tokens=min(1024, engine.max_model_len // 2),
                             max_total_tokens=min(2048, engine.max_model_len), output_tokens=args.output_len)
-    requests = sample_sharegpt(load_sharegpt(), _tokenizer(engine), config)
-    return _as_chats(requests, engine) if args.chat else requests
+    tokenizer = _hf_tokenizer(engine)  # loaded once for sampling and for the chat template
+    requests = sample_sharegpt(load_sharegpt(), _encoder(tokenizer), config)
+    return _as_chats(requests, tokenizer) if args.chat else requests
 
 
-def _as_chats(requests: list[BenchRequest], engine: EngineConfig) -> list[BenchRequest]:
+def _as_chats(requests: list[BenchRequest], tokenizer: Any) -> list[BenchRequest]:
     """Each text prompt as the chat template renders it as one user message, with its length re-measured."""
-    tokenizer, encode = _hf_tokenizer(engine), _tokenizer(engine)
+    encode = _encoder(tokenizer)
     chats = []
     for r in requests:
         text = tokenizer.apply_chat_template([{"role": "user", "content": r.prompt}], tokenize=False,
