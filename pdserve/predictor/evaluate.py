@@ -5,7 +5,8 @@ with the same loss and early stopping. Both are scored by `metrics.score` on the
 with the raw p90 and with the p90 calibrated online (the split's samples replayed in file order through a fresh
 `P90Calibrator`, each request predicted before it is observed, as the router would). The cost per request is the
 median wall time of one `predict_text` call (features and head, one prompt at a time, after warm-up), over up
-to `--cost-prompts` prompts. Prints a table; writes the numbers as JSON.
+to `--cost-prompts` prompts. Beside them, the labels' own noise on the split (`metrics.split_half_tau`). Prints
+a table; writes the numbers as JSON.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pdserve.predictor.calibration import P90Calibrator
 from pdserve.predictor.features import length_feature
 from pdserve.predictor.head import FitConfig, HeadConfig, load_head
 from pdserve.predictor.labels import LabelRecord
-from pdserve.predictor.metrics import score, to_tokens
+from pdserve.predictor.metrics import score, split_half_tau, to_tokens
 from pdserve.predictor.store import read_labels
 from pdserve.predictor.train import by_split, rows, train_head
 from pdserve.router.length_predictor import LearnedLengthPredictor
@@ -111,8 +112,11 @@ def main(args: argparse.Namespace) -> int:
     print(f"{len(held_out)} {args.split} prompts, {sum(len(r.lengths) for r in held_out)} samples "
           f"({args.data}, head {args.head}, {args.threads} torch thread(s))")
     print(table(results))
+    noise = split_half_tau([r.lengths for r in held_out])
+    print(f"label noise: Kendall tau of one half of each prompt's samples against the other half {noise:.3f} "
+          "(a ceiling on the tau these labels can show)")
     report = {"data": str(args.data), "head": str(args.head), "split": args.split, "threads": args.threads,
-              "results": results}
+              "results": results, "label_noise_tau": noise}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(_finite(report), indent=2, allow_nan=False) + "\n")
     return 0

@@ -6,6 +6,9 @@ quantile loss of one prediction. `score` compares per-prompt predictions (p50, p
 lengths of each prompt's samples: Kendall's tau-b between the predicted p50 and each prompt's median length, and,
 per sample (every sample is one request the router would see), the mean absolute error of the p50, the share
 of samples within +-50 and +-100 tokens of it, and the share at or below the p90 (its coverage).
+`split_half_tau` is the labels' own noise: how well half of each prompt's samples ranks the prompts by the
+median of the other half. A predictor scored against medians of a few samples can beat it only by as much as
+the medians' own noise allows, so it reads as a ceiling on the tau one can show with the file.
 """
 
 from __future__ import annotations
@@ -92,6 +95,16 @@ def score(p50: Sequence[int], p90: Sequence[int], lengths: Sequence[Sequence[int
         prompts=len(lengths),
         samples=count,
     )
+
+
+def split_half_tau(lengths: Sequence[Sequence[int]]) -> float:
+    """Kendall's tau-b between the median of the first half of each prompt's samples and that of the rest, over
+    prompts with at least two samples (NaN when fewer than two prompts have)."""
+    halves = [(statistics.median(ls[: len(ls) // 2]), statistics.median(ls[len(ls) // 2:]))
+              for ls in lengths if len(ls) >= 2]
+    if len(halves) < 2:
+        return math.nan
+    return kendall_tau_b([float(a) for a, _ in halves], [float(b) for _, b in halves])
 
 
 def to_tokens(log_length: float, max_tokens: int) -> int:

@@ -10,7 +10,7 @@ import torch
 from pdserve.predictor.calibration import P90Calibrator
 from pdserve.predictor.head import FitConfig, HeadConfig, QuantileHead, fit, load_head, pinball_loss, save_head
 from pdserve.predictor.labels import LabelRecord, LabelSettings, labelling_order, parse_lines, prompt_key
-from pdserve.predictor.metrics import kendall_tau_b, mean_pinball, pinball, score, split_of, to_tokens
+from pdserve.predictor.metrics import kendall_tau_b, mean_pinball, pinball, score, split_half_tau, split_of, to_tokens
 from pdserve.predictor.store import LabelWriter, read_labels, repair_tail
 from pdserve.router.length_predictor import LearnedLengthPredictor
 
@@ -90,6 +90,16 @@ def test_score_compares_every_sample_with_its_prompts_prediction():
     assert (scores.prompts, scores.samples) == (3, 6)
     with pytest.raises(ValueError):
         score([1], [2], [[]])
+
+
+def test_split_half_tau_ranks_prompts_by_one_half_of_their_samples_against_the_other():
+    # Halves' medians: (10, 12), (50, 40), (30, 35) -> first halves 10 < 30 < 50, second 12 < 35 < 40: concordant.
+    assert split_half_tau([[10, 12], [50, 40], [30, 35]]) == pytest.approx(1.0)
+    # 4 samples: halves [0:2] and [2:4], medians (2, 100), (50, 1), (20, 20): every pair discordant.
+    assert split_half_tau([[1, 3, 100, 100], [50, 50, 1, 1], [20, 20, 20, 20]]) == pytest.approx(-1.0)
+    # A prompt with one sample has no halves; fewer than two prompts with halves: no tau.
+    assert split_half_tau([[5, 6], [7]]) != split_half_tau([[5, 6], [7]])  # NaN
+    assert split_half_tau([[5, 6], [9], [7, 9]]) == pytest.approx(1.0)
 
 
 def test_log_lengths_become_capped_whole_tokens():
