@@ -38,7 +38,7 @@ class SimConfig:
     decode_instances: int = 4
     prefill_budget_tokens: int = 8192  # prompt tokens per prefill batch
     prefix_cache_blocks: int = 4096
-    hold_queue: int = 1024  # requests held by admission before it rejects
+    hold_per_instance: int = 128  # requests admission holds per decode instance before it rejects
 
     def __post_init__(self) -> None:
         if self.prefill_instances < 1 or self.decode_instances < 1:
@@ -82,7 +82,7 @@ class _Sim:
         self.psnaps: list[InstanceSnapshot] = [p.snapshot() for p in self.prefill]
         self.ddirty: set[int] = set()
         self.pdirty: set[int] = set()
-        self.held: BoundedQueue[SimRequest] = BoundedQueue(config.hold_queue)
+        self.held: BoundedQueue[SimRequest] = BoundedQueue(config.hold_per_instance * config.decode_instances)
         self.heap: list[tuple[float, int, int, int, int]] = []
         self.seq = 0
         self.decode_of: dict[int, int] = {}
