@@ -1,4 +1,4 @@
-"""The `pdserve` command: serve, generate, demo, model prepare, bench, sim, chaos, predictor."""
+"""The `pdserve` command: serve, generate, demo, model prepare, bench, sim, calibrate, chaos, predictor."""
 
 from __future__ import annotations
 
@@ -109,6 +109,12 @@ def _sim(args: argparse.Namespace) -> int:
     return main(args)
 
 
+def _calibrate(args: argparse.Namespace) -> int:
+    from pdserve.sim.calibrate import main
+
+    return main(args)
+
+
 def _chaos(args: argparse.Namespace) -> int:
     from pdserve.chaos_command import main
 
@@ -188,6 +194,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_sim(p)
     p.set_defaults(func=_sim)
+    p = sub.add_parser("calibrate", help="fit the simulator's cost model to step times measured on a vLLM engine "
+                       "on CPU; writes the cost file `pdserve sim --cost` reads")
+    from pdserve.sim.calibrate import add_arguments as add_calibrate
+
+    add_calibrate(p)
+    p.set_defaults(func=_calibrate)
     from pdserve.bench.overload import add_parser as add_overload
     from pdserve.bench.serve import add_parser
     from pdserve.chaos_command import add_parser as add_chaos

@@ -2,7 +2,8 @@
 
 Pure: no Ray, gRPC or engine. `run(SimConfig, decode_policy, prefill_policy)` returns per-request timings;
 `summarize` turns them into a per-policy summary. See `simulator` for the event model, `compare` and `goodput`
-for the policy comparison `pdserve sim` prints.
+for the policy comparison `pdserve sim` prints. One module here is not pure and is not imported by the package:
+`calibrate`, the shell of `pdserve calibrate`, which times a vLLM engine to fit the `CostModel` (see `fit`).
 """
 
 from pdserve.sim.cost import CostModel

@@ -3,6 +3,10 @@
 Without `--rate` each (size, policy) pair gets a goodput search (several runs, a progress bar over them on
 stderr); with `--rate` each pair gets one run at that rate (`--requests` of them, default `rate * seconds`;
 a progress bar over its arrivals), which is how the 1,000-instance, million-request case is timed.
+
+Engine times are the placeholder `CostModel()` unless `--cost FILE` names a cost file (what `pdserve calibrate`
+writes). Either way each decode instance holds the scenario's 24k KV tokens; `--cost-kv` takes the file's
+`kv_capacity_tokens` instead (the calibration engine's KV cache, sized by its `--kv-cache-gib`).
 """
 
 from __future__ import annotations
@@ -11,13 +15,14 @@ import argparse
 import json
 import math
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
 from pdserve.sim.compare import DECODE_POLICIES, Goodput, Scenario, goodput, run_policy
+from pdserve.sim.cost import CostModel
 from pdserve.sim.report import Slo, Summary, table
 
 START_RPS_PER_INSTANCE = 8.0  # where the goodput search starts, per decode instance
@@ -32,17 +37,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bisect-steps", type=int, default=4)
     p.add_argument("--slo-ttft-s", type=float, default=2.0)
     p.add_argument("--slo-tpot-ms", type=float, default=50.0)
+    p.add_argument("--cost", help="a cost model file (from `pdserve calibrate`); default: the placeholder costs")
+    p.add_argument("--cost-kv", action="store_true",
+                   help="KV tokens per decode instance from the --cost file, not the scenario's 24k")
+    p.add_argument("--lengths", choices=["lognormal", "sharegpt"], default="lognormal",
+                   help="request lengths: the synthetic short/long mixture, or ShareGPT conversations' (prompt, "
+                        "answer) token counts")
+    p.add_argument("--lengths-count", type=int, default=10_000, help="ShareGPT conversations to draw lengths from")
     p.add_argument("--out", default="bench-results/sim.json")
 
 
 def main(args: argparse.Namespace) -> int:
     slo = Slo(args.slo_ttft_s, args.slo_tpot_ms / 1e3)
-    scenarios = [Scenario(n, seconds=args.seconds, slo=slo) for n in args.instances]
+    scenarios = _scenarios(args, slo)
+    first = scenarios[0]
+    cost = {"cost_file": args.cost, "cost": asdict(replace(first.cost, kv_capacity_tokens=first.kv_capacity_tokens)),
+            "lengths": args.lengths, "length_pairs": len(first.lengths)}
     if args.rate is not None:
         rows = [_single(s, p, args.rate, args.requests) for s in scenarios for p in args.policy]
         print(f"one run per policy at {args.rate:g} req/s; SLO TTFT {slo.ttft_s:g} s, TPOT {slo.tpot_s * 1e3:g} ms")
         print(table(rows))
-        _write(args.out, {"mode": "single", "rate_rps": args.rate, "runs": [asdict(r) for r in rows]})
+        _write(args.out, {"mode": "single", "rate_rps": args.rate, **cost, "runs": [asdict(r) for r in rows]})
         return 0
     bar = tqdm(desc="sim runs", unit="run", file=sys.stderr)
 
@@ -56,9 +71,33 @@ def main(args: argparse.Namespace) -> int:
     print(f"goodput: the highest rate with >= 90% of requests within TTFT {slo.ttft_s:g} s and TPOT "
           f"{slo.tpot_s * 1e3:g} ms; preemptions and TPOT p99 at that rate")
     print(goodput_table(found))
-    _write(args.out, {"mode": "goodput", "slo": asdict(slo), "results": [_goodput_json(g) for g in found],
+    _write(args.out, {"mode": "goodput", "slo": asdict(slo), **cost, "results": [_goodput_json(g) for g in found],
                       "ratios": ratios(found)})
     return 0
+
+
+def _scenarios(args: argparse.Namespace, slo: Slo) -> list[Scenario]:
+    if args.cost_kv and not args.cost:
+        raise SystemExit("--cost-kv takes the KV capacity from a --cost file: name one")
+    cost = load_cost(args.cost) if args.cost else CostModel()
+    lengths: tuple[tuple[int, int], ...] = ()
+    if args.lengths == "sharegpt":
+        from pdserve.sim.lengths import sharegpt_lengths
+
+        lengths = sharegpt_lengths(args.lengths_count)
+        print(f"lengths of {len(lengths)} ShareGPT conversations (SmolLM2 tokens)", file=sys.stderr)
+    scenarios = [Scenario(n, seconds=args.seconds, slo=slo, cost=cost, lengths=lengths) for n in args.instances]
+    if args.cost_kv:
+        scenarios = [replace(s, kv_capacity_tokens=cost.kv_capacity_tokens) for s in scenarios]
+    return scenarios
+
+
+def load_cost(path: str) -> CostModel:
+    """The cost model in a file `pdserve calibrate` wrote (or any JSON with the same `"cost"` object)."""
+    try:
+        return CostModel.from_json(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"cannot use {path} as a cost model: {e}") from e
 
 
 def _single(scenario: Scenario, policy: str, rate: float, requests: int | None) -> Summary:

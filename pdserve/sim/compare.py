@@ -1,7 +1,10 @@
 """The policy comparison behind `pdserve sim`: goodput under SLO per decode policy and cluster size. Pure.
 
 One cluster shape per size (`Scenario`): `decode_instances` decode and half as many prefill instances, tight KV
-(24k tokens per decode instance) and the mixed short/long workload, so placement matters. A run offers
+(24k tokens per decode instance) and the mixed short/long workload (or, with `lengths`, ShareGPT's), so placement
+matters. Engine times come from
+the scenario's `cost` (the placeholder `CostModel()` unless given, e.g. one `pdserve calibrate` fitted); its
+`kv_capacity_tokens` always gives way to the scenario's. A run offers
 `rate * seconds` requests at `rate` (Poisson) and drains them; it passes when at least `target` of them meet
 both SLOs (TTFT and TPOT). `goodput` searches the rate (`goodput.highest_passing`) and reports the last run
 that passed: its rate, preemptions (KV overflow) and p99 TPOT.
@@ -10,7 +13,7 @@ that passed: its rate, preemptions (KV overflow) and p99 TPOT.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from pdserve.router.kv_placement import LeastKv, MaxTokensWeighted, ProjectedKv
 from pdserve.router.policy import LeastOutstanding, Policy, RoundRobin
@@ -38,6 +41,8 @@ class Scenario:
     slo: Slo = field(default_factory=Slo)
     target: float = 0.9  # share of requests that must meet both SLOs
     seed: int = 1
+    cost: CostModel = field(default_factory=CostModel)  # engine times; its KV capacity is replaced by the above
+    lengths: tuple[tuple[int, int], ...] = ()  # (prompt, output) pairs to draw from; empty: the lognormal mixture
 
     def __post_init__(self) -> None:
         if self.decode_instances < 1 or self.seconds <= 0 or not 0 < self.target <= 1:
@@ -45,8 +50,8 @@ class Scenario:
 
     def config(self, rate_rps: float, requests: int | None = None) -> SimConfig:
         count = requests if requests is not None else max(1, round(rate_rps * self.seconds))
-        workload = WorkloadConfig(requests=count, rate_rps=rate_rps, seed=self.seed)
-        return SimConfig(workload, CostModel(kv_capacity_tokens=self.kv_capacity_tokens),
+        workload = WorkloadConfig(requests=count, rate_rps=rate_rps, lengths=self.lengths, seed=self.seed)
+        return SimConfig(workload, replace(self.cost, kv_capacity_tokens=self.kv_capacity_tokens),
                          prefill_instances=max(1, self.decode_instances // 2), decode_instances=self.decode_instances)
 
 

@@ -8,12 +8,19 @@ per prompt token.
 
 The defaults are plausible, not measured: an 8B-parameter fp16 model on one 80 GB GPU (about 8 ms to read
 the weights per step, ~128 KiB of KV per token read at ~2 TB/s, ~20k prefill tokens/s, ~25 GB/s between
-instances). A calibration command that measures real step times is to set them.
+instances). `pdserve calibrate` measures real step times on a vLLM engine and writes fitted coefficients to a
+JSON file that `from_json` reads (`pdserve sim --cost FILE`).
+
+JSON form (`to_json` / `from_json`): a document whose `"cost"` object holds every field of the dataclass by
+name, no more and no fewer; other top-level keys (a calibration's measured points, say) are ignored.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +40,36 @@ class CostModel:
             raise ValueError("cost model coefficients must be >= 0, and decode_base_s > 0")
         if self.kv_capacity_tokens < 1:
             raise ValueError(f"kv_capacity_tokens must be >= 1, got {self.kv_capacity_tokens}")
+
+    def to_json(self) -> str:
+        return json.dumps({"cost": asdict(self)}, indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> CostModel:
+        """The cost model in a JSON document's `"cost"` object; ValueError names what is missing or unknown."""
+        document = json.loads(text)
+        cost = document.get("cost") if isinstance(document, dict) else None
+        if not isinstance(cost, dict):
+            raise ValueError('a cost file is a JSON object with a "cost" object in it')
+        return cls.from_dict(cost)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> CostModel:
+        names = {f.name for f in fields(cls)}
+        missing, unknown = sorted(names - values.keys()), sorted(values.keys() - names)
+        if missing or unknown:
+            raise ValueError(f"cost model fields missing: {missing or 'none'}; unknown: {unknown or 'none'}")
+        capacity = values["kv_capacity_tokens"]
+        if isinstance(capacity, bool) or not isinstance(capacity, int | float) or not math.isfinite(capacity) \
+                or capacity != int(capacity):
+            raise ValueError(f"kv_capacity_tokens must be a whole number, got {capacity!r}")
+        try:
+            coefficients = {k: float(v) for k, v in values.items() if k != "kv_capacity_tokens"}
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"cost model coefficients must be numbers: {e}") from e
+        if not all(math.isfinite(v) for v in coefficients.values()):
+            raise ValueError(f"cost model coefficients must be finite, got {coefficients}")
+        return cls(**coefficients, kv_capacity_tokens=int(capacity))
 
     def prefill_s(self, tokens: int) -> float:
         return self.prefill_base_s + self.prefill_per_token_s * tokens + self.prefill_per_token_sq_s * tokens * tokens

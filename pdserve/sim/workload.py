@@ -1,8 +1,11 @@
-"""Synthetic workloads: arrivals (Poisson or gamma) and heavy-tailed lengths from a seed. Pure, deterministic.
+"""Workloads: arrivals (Poisson or gamma) and heavy-tailed lengths from a seed. Pure, deterministic.
 
 Contract: `generate(config)` returns `config.requests` `SimRequest`s sorted by arrival, the same for the same
-config. Output lengths are a two-part lognormal mixture (short chat answers and a `long_fraction` of long
-ones), capped at `max_tokens`; prompts are lognormal. Each request gets a `LengthPrediction` from a noisy
+config. Lengths come from one of two sources. By default output lengths are a two-part lognormal mixture
+(short chat answers and a `long_fraction` of long ones) and prompts are lognormal. With `lengths`, a table of
+(prompt tokens, output tokens) pairs (e.g. ShareGPT conversations tokenized, `pdserve.sim.lengths`), each
+request draws one pair uniformly; prompts are capped at `max_prompt_tokens` and outputs at `max_tokens`
+either way. Each request gets a `LengthPrediction` from a noisy
 oracle (`prediction_sigma` is the spread of its log error), so policies can be compared at a known
 prediction quality. Requests of one of `prefix_groups` groups share a system prompt of `prefix_tokens`.
 """
@@ -35,6 +38,8 @@ class WorkloadConfig:
     prediction_sigma: float = 0.3
     prefix_groups: int = 8
     prefix_tokens: int = 128
+    lengths: tuple[tuple[int, int], ...] = ()  # (prompt, output) pairs to draw from; empty: the lognormals
+    lengths_name: str = "lognormal"  # where `lengths` came from, for reports
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -42,6 +47,8 @@ class WorkloadConfig:
             raise ValueError("workload needs requests >= 0, rate_rps > 0 and arrival 'poisson' or 'gamma'")
         if not 0 <= self.long_fraction <= 1 or self.max_tokens < 1:
             raise ValueError("workload needs 0 <= long_fraction <= 1 and max_tokens >= 1")
+        if any(p < 1 or o < 1 for p, o in self.lengths):
+            raise ValueError("every (prompt, output) pair of a length table needs both >= 1 tokens")
 
 
 @dataclass(slots=True)
@@ -75,10 +82,15 @@ def generate(config: WorkloadConfig) -> list[SimRequest]:
     now = 0.0
     for rid in range(config.requests):
         now += _gap(rng, config)
-        median = config.long_median if rng.random() < config.long_fraction else config.output_median
-        length = min(config.max_tokens, max(1, round(rng.lognormvariate(math.log(median), config.output_sigma))))
-        group = rng.randrange(config.prefix_groups) if config.prefix_groups else -1
-        own = round(rng.lognormvariate(math.log(config.prompt_median), config.prompt_sigma))
+        if config.lengths:
+            own, length = config.lengths[rng.randrange(len(config.lengths))]
+            group = rng.randrange(config.prefix_groups) if config.prefix_groups else -1
+        else:  # the draws in this order, so a seed gives the workload it always gave
+            median = config.long_median if rng.random() < config.long_fraction else config.output_median
+            length = round(rng.lognormvariate(math.log(median), config.output_sigma))
+            group = rng.randrange(config.prefix_groups) if config.prefix_groups else -1
+            own = round(rng.lognormvariate(math.log(config.prompt_median), config.prompt_sigma))
+        length = min(config.max_tokens, max(1, length))
         own = min(max(1, own), config.max_prompt_tokens)
         shared = config.prefix_tokens if group >= 0 else 0
         hashes = tuple(hash((group, b)) for b in range(shared // BLOCK_TOKENS))

@@ -28,6 +28,18 @@ def test_workload_is_deterministic_and_sorted():
     assert all(1 <= r.output_tokens <= r.max_tokens for r in a)
 
 
+def test_a_length_table_gives_its_pairs_capped_and_under_the_shared_prefix():
+    table = ((10, 3), (400, 5000), (9000, 20))
+    config = WorkloadConfig(requests=300, lengths=table, max_tokens=2048, max_prompt_tokens=8192, prefix_tokens=128,
+                            seed=2)
+    requests = generate(config)
+    assert requests == generate(config)
+    pairs = {(r.prompt_tokens - 128 * bool(r.prefix_hashes), r.output_tokens) for r in requests}
+    assert pairs == {(10, 3), (400, 2048), (8192, 20)}  # every pair drawn; output and prompt capped
+    with pytest.raises(ValueError, match="both >= 1"):
+        WorkloadConfig(lengths=((5, 0),))
+
+
 def test_simulation_is_deterministic_with_a_seed():
     one = run(SMALL, ProjectedKv(), PrefixAffinity())
     two = run(SMALL, ProjectedKv(), PrefixAffinity())
@@ -46,7 +58,7 @@ def test_every_request_finishes_exactly_once_and_kv_never_goes_negative(policy):
 
 
 def test_admission_rejects_once_the_hold_queue_is_full():
-    config = SimConfig(SMALL.workload, SMALL.cost, 2, 1, hold_queue=0)
+    config = SimConfig(SMALL.workload, SMALL.cost, 2, 1, hold_per_instance=0)
     result = run(config, ProjectedKv(), PrefixAffinity())
     served = sum(result.finishes)
     assert result.rejected > 0 and served + result.rejected == len(result.requests)
