@@ -2,7 +2,8 @@
 
 `BoundedQueue`: `offer` holds an item or raises `Overloaded` (RESOURCE_EXHAUSTED) once `capacity` items wait;
 `drain(try_place)` places held items in arrival order and stops at the first one that still does not fit
-(`try_place` returns False), so a large request at the head is not starved by smaller ones behind it.
+(`try_place` returns False), so a large request at the head is not starved by smaller ones behind it;
+`expire(expired)` takes out the oldest items while they are past a deadline the caller judges.
 
 `Gate`: the router's admission. At most `slots` requests run at once (0: no limit); the next `queue` wait in
 arrival order; one more is refused with `Overloaded`, whose retry hint grows with the queue:
@@ -52,6 +53,13 @@ class BoundedQueue(Generic[T]):
         while self._items and try_place(self._items[0]):
             placed.append(self._items.popleft())
         return placed
+
+    def expire(self, expired: Callable[[T], bool]) -> list[T]:
+        """Takes out the oldest items while `expired` holds for them; returns them, oldest first."""
+        gone: list[T] = []
+        while self._items and expired(self._items[0]):
+            gone.append(self._items.popleft())
+        return gone
 
     def pop(self) -> T | None:
         """The oldest item, taken out of the queue; None when empty."""

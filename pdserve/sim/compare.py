@@ -2,12 +2,13 @@
 
 One cluster shape per size (`Scenario`): `decode_instances` decode and half as many prefill instances, tight KV
 (24k tokens per decode instance) and the mixed short/long workload (or, with `lengths`, ShareGPT's), so placement
-matters. Engine times come from
-the scenario's `cost` (the placeholder `CostModel()` unless given, e.g. one `pdserve calibrate` fitted); its
-`kv_capacity_tokens` always gives way to the scenario's. A run offers
-`rate * seconds` requests at `rate` (Poisson) and drains them; it passes when at least `target` of them meet
-both SLOs (TTFT and TPOT). `goodput` searches the rate (`goodput.highest_passing`) and reports the last run
-that passed: its rate, preemptions (KV overflow) and p99 TPOT.
+matters. Engine times come from the scenario's `cost` (the placeholder `CostModel()` unless given, e.g. one
+`pdserve calibrate` fitted); its `kv_capacity_tokens` always gives way to the scenario's. A run offers
+`rate * seconds` requests at `rate` (Poisson) and drains them; admission holds a request no decode instance can
+take for at most the TTFT SLO, then rejects it (held longer, it would miss the SLO anyway, and delay those behind
+it). A run passes when at least `target` of the requests meet both SLOs (TTFT and TPOT). `goodput` searches the
+rate (`goodput.highest_passing`) and reports the last run that passed: its rate, preemptions (KV overflow) and
+p99 TPOT.
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ class Scenario:
         count = requests if requests is not None else max(1, round(rate_rps * self.seconds))
         workload = WorkloadConfig(requests=count, rate_rps=rate_rps, lengths=self.lengths, seed=self.seed)
         return SimConfig(workload, replace(self.cost, kv_capacity_tokens=self.kv_capacity_tokens),
-                         prefill_instances=max(1, self.decode_instances // 2), decode_instances=self.decode_instances)
+                         prefill_instances=max(1, self.decode_instances // 2), decode_instances=self.decode_instances,
+                         hold_timeout_s=self.slo.ttft_s)
 
 
 def run_policy(scenario: Scenario, policy: str, rate_rps: float, requests: int | None = None,

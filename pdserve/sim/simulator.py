@@ -1,7 +1,8 @@
 """The event loop: requests arrive, the router's policies place them, instances serve them. Deterministic.
 
 Events sit in one heap keyed by (time, sequence number). A request's path is the live one: arrival ->
-decode policy (`Overloaded` holds it in a bounded admission queue, or rejects it when that is full) ->
+decode policy (`Overloaded` holds it in a bounded admission queue, or rejects it when that is full or once it
+has waited `hold_timeout_s` there) ->
 prefill policy -> prefill batch -> first token (TTFT) -> KV transfer -> decode batch -> last token. The
 policies are the router's own objects and see `InstanceSnapshot`s rebuilt only for instances whose state
 changed since the last pick; a decode snapshot is as of the instance's last event (up to one chunk stale,
@@ -39,6 +40,7 @@ class SimConfig:
     prefill_budget_tokens: int = 8192  # prompt tokens per prefill batch
     prefix_cache_blocks: int = 4096
     hold_per_instance: int = 128  # requests admission holds per decode instance before it rejects
+    hold_timeout_s: float = math.inf  # a request held longer is rejected (its retry hint sends it elsewhere)
 
     def __post_init__(self) -> None:
         if self.prefill_instances < 1 or self.decode_instances < 1:
@@ -134,6 +136,7 @@ class _Sim:
         if self.progress is not None and rid % PROGRESS_EVERY == 0:
             self.progress(rid)
         req = self.reqs[rid]
+        self.expire(now)
         if self.held or not self.try_place(req, now):
             try:
                 self.held.offer(req)
@@ -182,7 +185,13 @@ class _Sim:
             self.res.finishes[seq.req.rid] += 1
             self.ddirty.add(self.decode_of.pop(seq.req.rid))
         if done and self.held:
+            self.expire(now)
             self.held.drain(lambda r: self.try_place(r, now))
+
+    def expire(self, now: float) -> None:
+        """Rejects the held requests that have waited past `hold_timeout_s` (oldest first: the queue is FIFO)."""
+        deadline = now - self.c.hold_timeout_s
+        self.res.rejected += len(self.held.expire(lambda r: r.arrival < deadline))
 
 
 def run(config: SimConfig, decode_policy: Policy, prefill_policy: Policy,

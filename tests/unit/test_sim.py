@@ -65,6 +65,21 @@ def test_admission_rejects_once_the_hold_queue_is_full():
     assert all(math.isnan(result.finished_at[r.rid]) for r in result.requests if result.finishes[r.rid] == 0)
 
 
+def test_admission_rejects_what_it_held_past_the_hold_timeout_and_serves_the_rest():
+    workload = WorkloadConfig(requests=400, rate_rps=200.0, long_fraction=0.5, seed=2)  # far past one instance
+    unbounded = SimConfig(workload, SMALL.cost, 2, 1, hold_per_instance=1_000)
+    bounded = SimConfig(workload, SMALL.cost, 2, 1, hold_per_instance=1_000, hold_timeout_s=0.5)
+    held_forever = run(unbounded, ProjectedKv(), PrefixAffinity())
+    result = run(bounded, ProjectedKv(), PrefixAffinity())
+    assert held_forever.rejected == 0 and result.rejected > 0
+    assert sum(result.finishes) + result.rejected == len(result.requests)
+    assert max(result.finishes) == 1
+    # A request placed at all was placed within the timeout of its arrival: none waited longer to start.
+    waits = [result.first_token_at[r.rid] - r.arrival for r in result.requests if result.finishes[r.rid]]
+    slowest_unbounded = max(held_forever.first_token_at[r.rid] - r.arrival for r in held_forever.requests)
+    assert max(waits) < slowest_unbounded
+
+
 def test_length_aware_decode_beats_round_robin_on_mixed_lengths():
     workload = WorkloadConfig(requests=1500, rate_rps=60.0, long_fraction=0.2, seed=1)
     config = SimConfig(workload, CostModel(kv_capacity_tokens=24_000), prefill_instances=3, decode_instances=6)
