@@ -83,6 +83,15 @@ def test_bounded_queue_holds_then_rejects_and_drains_in_order():
     assert len(queue) == 1
 
 
+def test_bounded_queue_expires_its_oldest_items_only_while_they_are_past_the_deadline():
+    queue: BoundedQueue[int] = BoundedQueue(5)
+    for arrival in (1, 2, 9, 3):
+        queue.offer(arrival)
+    assert queue.expire(lambda arrival: arrival < 5) == [1, 2]  # stops at 9, though 3 behind it is older
+    assert len(queue) == 2 and queue.expire(lambda arrival: arrival < 5) == []
+    assert queue.drain(lambda _: True) == [9, 3]
+
+
 def test_max_tokens_weighted_counts_the_reservation():
     a = decode("a", 0, load(100, 10, left=2000))
     b = decode("b", 0, load(300, 10, left=100))
