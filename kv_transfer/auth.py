@@ -25,8 +25,8 @@ import socket
 import struct
 import time
 
-from pdserve.kv_transfer.ticket import Endpoint
-from pdserve.kv_transfer.transport import (
+from kv_transfer.endpoint import Endpoint
+from kv_transfer.transport import (
     AuthFailed,
     FrameError,
     PeerGone,

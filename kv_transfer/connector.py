@@ -6,9 +6,10 @@ vLLM builds one instance per role in two processes of an engine:
   engines and a `Receiver` on decode engines.
 The planner's `StepPlan` travels to the worker inside each step's scheduler output.
 
-Settings come from `kv_connector_extra_config` (see `settings`); the cluster secret from the environment
+Settings come from `kv_connector_extra_config` (`kv_transfer.config.ConnectorSettings`: an unknown key is an
+error); the cluster secret from the environment
 (`PDSERVE_KV_SECRET`, hex), never from a config file. The actor that owns the engine reaches the worker role
-through `pdserve.kv_transfer.control` (vLLM's worker extension): the receive address, state, releases.
+through `kv_transfer.control` (vLLM's worker extension): the receive address, state, releases.
 """
 
 from __future__ import annotations
@@ -27,13 +28,14 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
 
-from pdserve.kv_transfer import shm, tcp
-from pdserve.kv_transfer.params import Spec, block_runs, from_params
-from pdserve.kv_transfer.planner import Scheduled, StepPlan, TransferPlanner
-from pdserve.kv_transfer.receiver import Receiver
-from pdserve.kv_transfer.sender import Outgoing, Sender
-from pdserve.kv_transfer.ticket import Endpoint
-from pdserve.kv_transfer.transport import SECRET_ENV, Transport, TransportConfig
+from kv_transfer import shm, tcp
+from kv_transfer.config import ConnectorSettings
+from kv_transfer.endpoint import Endpoint
+from kv_transfer.params import Spec, block_runs, from_params
+from kv_transfer.planner import Scheduled, StepPlan, TransferPlanner
+from kv_transfer.receiver import Receiver
+from kv_transfer.sender import Outgoing, Sender
+from kv_transfer.transport import SECRET_ENV, Transport, TransportConfig
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -46,39 +48,15 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, slots=True)
-class Settings:
-    """The worker role's settings, from `kv_connector_extra_config` (written by `pdserve.config.TransferConfig`)."""
-
-    instance_id: str
-    epoch: int
-    transport: str = "shm"  # "shm" (processes of one node) or "tcp"
-    host: str = "127.0.0.1"  # where a tcp receiver listens
-    lease_s: float = 30.0
-    max_stash_bytes: int = 1 << 30
-    connect_timeout_s: float = 5.0
-    stall_timeout_s: float = 10.0
-    fault_every: int = 0  # testing only: every n-th outgoing transfer fails on purpose (`Sender`); 0: never
-
-    def __post_init__(self) -> None:
-        if self.transport not in ("shm", "tcp"):
-            raise ValueError(f"transport must be 'shm' or 'tcp', got {self.transport!r}")
-
-
-def settings(extra: dict[str, Any]) -> Settings:
-    known = {k: v for k, v in extra.items() if k in Settings.__dataclass_fields__}
-    return Settings(**known)
-
-
-def transport_config(s: Settings) -> TransportConfig:
+def transport_config(s: ConnectorSettings) -> TransportConfig:
     secret = os.environ.get(SECRET_ENV, "")
     if not secret:
         raise RuntimeError(f"{SECRET_ENV} is not set: KV links need the cluster secret")
     return TransportConfig(
         endpoint=Endpoint(s.instance_id, s.epoch),
         secret=bytes.fromhex(secret),
-        stall_timeout_s=s.stall_timeout_s,
-        max_stash_bytes=s.max_stash_bytes,
+        stall_timeout_s=s.transfer.stall_timeout_s,
+        max_stash_bytes=s.transfer.receive_buffer_mib << 20,
     )
 
 
@@ -95,14 +73,14 @@ def dialer(config: TransportConfig) -> Any:
     return dial
 
 
-def listen(s: Settings, config: TransportConfig) -> Receiver:
-    if s.transport == "shm":
+def listen(s: ConnectorSettings, config: TransportConfig) -> Receiver:
+    if s.transfer.transport == "shm":
         listener: Any = shm.listen(config)
         address = f"shm:{listener.address}"
     else:
-        listener = tcp.listen(config, host=s.host)
+        listener = tcp.listen(config, host=s.transfer.tcp_host)
         address = f"tcp:{listener.address[0]}:{listener.address[1]}"
-    return Receiver(listener, address, s.lease_s)
+    return Receiver(listener, address, s.transfer.lease_s)
 
 
 @dataclass
@@ -132,10 +110,10 @@ class PdTransferStats(KVConnectorStats):
 class KVWorker:
     """The worker role: paged KV tensors in, bytes out (prefill) or bytes in (decode)."""
 
-    def __init__(self, s: Settings, producer: bool, consumer: bool, num_blocks: int) -> None:
+    def __init__(self, s: ConnectorSettings, producer: bool, consumer: bool, num_blocks: int) -> None:
         config = transport_config(s)
         self._num_blocks = num_blocks
-        self.sender = Sender(dialer(config), s.connect_timeout_s, s.fault_every) if producer else None
+        self.sender = Sender(dialer(config), s.transfer.connect_timeout_s, s.transfer.fault_every) if producer else None
         self.receiver = listen(s, config) if consumer else None
         self._layers: list[torch.Tensor] = []  # per layer: [num_blocks, block bytes] as uint8
         self._index: dict[str, int] = {}
@@ -161,7 +139,8 @@ class KVWorker:
     def block_views(self, layer: int, block_ids: tuple[int, ...]) -> list[memoryview]:
         """The blocks' bytes in order, one view per run of consecutive block ids (one contiguous span each)."""
         arr = self._layers[layer].numpy()
-        return [memoryview(arr[start:stop]).cast("B") for start, stop in block_runs(block_ids)]
+        return [memoryview(arr[start:stop]).cast("B")  # type: ignore[arg-type]  # numpy arrays are buffers
+                for start, stop in block_runs(block_ids)]
 
     def start_loads(self, plan: StepPlan) -> None:
         for job in plan.loads:
@@ -246,7 +225,7 @@ class KVWorker:
 
 
 class PdConnector(KVConnectorBase_V1):
-    """The connector vLLM instantiates (`kv_connector="PdConnector"`, module `pdserve.kv_transfer.connector`)."""
+    """The connector vLLM instantiates (`kv_connector="PdConnector"`, module `kv_transfer.connector`)."""
 
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig) -> None:
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
@@ -258,7 +237,7 @@ class PdConnector(KVConnectorBase_V1):
         else:
             tc = self._kv_transfer_config
             self.worker = KVWorker(
-                settings(tc.kv_connector_extra_config or {}),
+                ConnectorSettings.from_extra(dict(tc.kv_connector_extra_config or {})),
                 producer=tc.is_kv_producer,
                 consumer=tc.is_kv_consumer,
                 num_blocks=kv_cache_config.num_blocks,

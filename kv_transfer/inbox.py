@@ -30,7 +30,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from pdserve.kv_transfer.transport import FrameError, PeerGone, SizeMismatch, TransportError, TransportTimeout
+from kv_transfer.transport import FrameError, PeerGone, SizeMismatch, TransportError, TransportTimeout
 
 MAX_WITHDRAWN_KEYS = 4096
 _SCRATCH = bytearray(1 << 20)  # discarded bytes land here; only reader threads write it, nobody reads it

@@ -20,9 +20,9 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Generic, Protocol, TypeVar
 
-from pdserve.kv_transfer.inbox import Inbox, Landing
-from pdserve.kv_transfer.ticket import Endpoint
-from pdserve.kv_transfer.transport import (
+from kv_transfer.endpoint import Endpoint
+from kv_transfer.inbox import Inbox, Landing
+from kv_transfer.transport import (
     PeerGone,
     TransportConfig,
     TransportError,
@@ -30,7 +30,7 @@ from pdserve.kv_transfer.transport import (
     byte_views,
     check_key,
 )
-from pdserve.kv_transfer.wire import Header, Kind, SocketIO, encode_header
+from kv_transfer.wire import Header, Kind, SocketIO, encode_header
 
 CLOSE_GRACE_S = 1.0
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from pdserve.kv_transfer.params import RecvSpec, SendSpec, Spec, blocks_for
+from kv_transfer.params import RecvSpec, SendSpec, Spec, blocks_for
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,11 +25,11 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from pdserve.kv_transfer.drain import drain
-from pdserve.kv_transfer.link import Link, Listener
-from pdserve.kv_transfer.params import RecvSpec, layer_key
-from pdserve.kv_transfer.ticket import Epochs, StaleEpoch
-from pdserve.kv_transfer.transport import TransportError, TransportTimeout
+from kv_transfer.drain import drain
+from kv_transfer.endpoint import Epochs, StaleEpoch
+from kv_transfer.link import Link, Listener
+from kv_transfer.params import RecvSpec, layer_key
+from kv_transfer.transport import TransportError, TransportTimeout
 
 ACCEPT_POLL_S = 0.5  # how often the accept loop looks whether it should stop
 

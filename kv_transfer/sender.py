@@ -22,9 +22,9 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from pdserve.kv_transfer.drain import drain
-from pdserve.kv_transfer.params import SendSpec, layer_key
-from pdserve.kv_transfer.transport import PeerGone, Transport, TransportError, TransportTimeout
+from kv_transfer.drain import drain
+from kv_transfer.params import SendSpec, layer_key
+from kv_transfer.transport import PeerGone, Transport, TransportError, TransportTimeout
 
 DROP, STALL = "drop", "stall"  # the injected faults
 Dial = Callable[[str, float], Transport]  # (address, timeout) -> an authenticated link

@@ -30,11 +30,11 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from pdserve.kv_transfer.auth import authenticate
-from pdserve.kv_transfer.inbox import Landing
-from pdserve.kv_transfer.link import Link, Listener, Setup, establish
-from pdserve.kv_transfer.transport import FrameError, PeerGone, TransportConfig, TransportError, TransportTimeout
-from pdserve.kv_transfer.wire import Header, Kind, SocketIO, encode_header
+from kv_transfer.auth import authenticate
+from kv_transfer.inbox import Landing
+from kv_transfer.link import Link, Listener, Setup, establish
+from kv_transfer.transport import FrameError, PeerGone, TransportConfig, TransportError, TransportTimeout
+from kv_transfer.wire import Header, Kind, SocketIO, encode_header
 
 RING = struct.Struct("!IQ")  # slots, slot bytes; sent with the ring's file descriptor
 MAX_SLOTS = 1024

@@ -15,11 +15,11 @@ import socket
 import time
 from collections.abc import Sequence
 
-from pdserve.kv_transfer.auth import authenticate
-from pdserve.kv_transfer.inbox import Landing
-from pdserve.kv_transfer.link import Link, Listener, Setup, establish
-from pdserve.kv_transfer.transport import FrameError, PeerGone, TransportConfig, TransportError, TransportTimeout
-from pdserve.kv_transfer.wire import Header, SocketIO
+from kv_transfer.auth import authenticate
+from kv_transfer.inbox import Landing
+from kv_transfer.link import Link, Listener, Setup, establish
+from kv_transfer.transport import FrameError, PeerGone, TransportConfig, TransportError, TransportTimeout
+from kv_transfer.wire import Header, SocketIO
 
 
 class InlinePayload:

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from pdserve.kv_transfer.ticket import Endpoint
+from kv_transfer.endpoint import Endpoint
 
 MAX_KEY_BYTES = 1024
 SECRET_ENV = "PDSERVE_KV_SECRET"  # the cluster secret, hex: the one place it is read from

@@ -28,7 +28,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from pdserve.kv_transfer.transport import MAX_KEY_BYTES, FrameError, PeerGone, TransportTimeout
+from kv_transfer.transport import MAX_KEY_BYTES, FrameError, PeerGone, TransportTimeout
 
 HEADER = struct.Struct("!2sBBHIQ")
 MAGIC = b"KV"

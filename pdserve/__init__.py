@@ -1,3 +1,5 @@
 """pdserve: serve large language models with prefill and decode disaggregated across a Ray cluster."""
 
-__version__ = "0.1.0"
+from common.version import VERSION as __version__
+
+__all__ = ["__version__"]

@@ -20,24 +20,27 @@ from typing import Any
 import grpc
 import ray
 
-from pdserve.affinity import ACTOR_CPUS_ENV
-from pdserve.channel import WorkerChannel
-from pdserve.config import EngineConfig, RayConfig, ServeConfig, TransferConfig, WorkersConfig
-from pdserve.decode.worker import DecodeWorker
-from pdserve.engine import KVRole
-from pdserve.kv_transfer.transport import SECRET_ENV
+from common.roles import Role
+from decode.worker import DecodeWorker, consumer_role
+from kv_transfer.transport import SECRET_ENV
+from pdserve.config import RayConfig, ServeConfig, WorkersConfig
 from pdserve.models import resolve_model
-from pdserve.prefill.worker import PrefillWorker
-from pdserve.router.admission import Gate
-from pdserve.router.metrics import RouterMetrics, serve_metrics
-from pdserve.router.policy import make_policy
-from pdserve.router.prediction import TextPredictor
-from pdserve.router.receive_budget import ReceiveBudget
-from pdserve.router.registry import Instance, Registry
-from pdserve.router.service import COLOCATED, DECODE, PREFILL, Handoff, Router
-from pdserve.router.tokenizer import PromptTokenizer
-from pdserve.router.validation import Limits
 from pdserve.supervisor import Supervisor, supervise
+from prefill.worker import PrefillWorker, producer_role
+from router.admission import Gate
+from router.channel import WorkerChannel
+from router.metrics import RouterMetrics, serve_metrics
+from router.policy import make_policy
+from router.predictor.prediction import TextPredictor
+from router.receive_budget import ReceiveBudget
+from router.registry import Instance, Registry
+from router.service import Handoff, Router
+from router.tokenizer import PromptTokenizer
+from router.validation import Limits
+from worker.affinity import ACTOR_CPUS_ENV
+from worker.config import EngineConfig
+from worker.engine import KVRole
+from worker.host import EngineHost
 
 log = logging.getLogger(__name__)
 
@@ -75,19 +78,6 @@ def worker_env(index: int, workers: WorkersConfig, engine: EngineConfig, node_cp
     return env
 
 
-def kv_role(role: str, instance_id: str, transfer: TransferConfig) -> KVRole:
-    """The connector settings of one disaggregated instance (see `pdserve.kv_transfer.connector.Settings`); the
-    worker adds its epoch when it starts."""
-    return KVRole(role, {
-        "instance_id": instance_id,
-        "transport": transfer.transport,
-        "host": transfer.tcp_host,
-        "lease_s": transfer.lease_s,
-        "max_stash_bytes": transfer.receive_buffer_mib << 20,
-        "fault_every": transfer.fault_every,
-    })
-
-
 def cluster_secret() -> str:
     """The KV links' shared secret: from the environment when the operator set one, else fresh for this run."""
     return os.environ.get(SECRET_ENV) or secrets.token_hex(32)
@@ -97,12 +87,16 @@ async def start_workers(config: ServeConfig, model_dir: str, secret: str) -> lis
     node_cpus = os.cpu_count() or 1
     workers = config.workers
     run = time.time_ns() // 1_000_000  # names this deployment's actors apart from a stopped one's
-    if workers.mode == COLOCATED:
-        plan = [(f"{COLOCATED}-{i}", COLOCATED, DecodeWorker, None) for i in range(workers.instances)]
+    plan: list[tuple[str, Role, type[EngineHost], KVRole | None]]
+    if workers.mode == Role.COLOCATED:
+        plan = [(f"{Role.COLOCATED}-{i}", Role.COLOCATED, DecodeWorker, None) for i in range(workers.instances)]
     else:
-        plan = [(f"{PREFILL}-{i}", PREFILL, PrefillWorker, "kv_producer") for i in range(workers.prefill_instances)]
-        plan += [(f"{DECODE}-{i}", DECODE, DecodeWorker, "kv_consumer") for i in range(workers.decode_instances)]
-    handles = []
+        t = config.transfer
+        plan = [(f"{Role.PREFILL}-{i}", Role.PREFILL, PrefillWorker, producer_role(f"{Role.PREFILL}-{i}", t))
+                for i in range(workers.prefill_instances)]
+        plan += [(f"{Role.DECODE}-{i}", Role.DECODE, DecodeWorker, consumer_role(f"{Role.DECODE}-{i}", t))
+                 for i in range(workers.decode_instances)]
+    handles: list[tuple[str, Role, Any]] = []
     for index, (instance_id, role, cls, kv) in enumerate(plan):
         env = worker_env(index, workers, config.engine, node_cpus)
         env[SECRET_ENV] = secret  # KV links and request channels accept only holders of the secret
@@ -112,8 +106,7 @@ async def start_workers(config: ServeConfig, model_dir: str, secret: str) -> lis
             max_restarts=-1,  # Ray restarts a dead worker; the supervisor starts its engine and rejoins it
             max_task_retries=0,  # a request on a dead worker is resumed by the router, not replayed by Ray
             runtime_env={"env_vars": env},
-        ).remote(instance_id, config.engine, model_dir,
-                 kv_role(kv, instance_id, config.transfer) if kv else None)
+        ).remote(instance_id, config.engine, model_dir, kv)
         handles.append((instance_id, role, handle))
     infos = await asyncio.gather(*(h.start.remote() for _, _, h in handles))
     return [Instance(iid, role, h, info, WorkerChannel(info.request_address, secret))
@@ -130,7 +123,7 @@ class Deployment:
     port: int
     metrics_server: Any  # the /metrics HTTP server
     metrics_port: int
-    http_server: Any  # the OpenAI-compatible HTTP frontend (`pdserve.router.http_server.HttpServer`)
+    http_server: Any  # the OpenAI-compatible HTTP frontend (`router.http_server.HttpServer`)
     http_port: int
 
     @property
@@ -159,9 +152,9 @@ class Deployment:
 
 
 async def deploy(config: ServeConfig) -> Deployment:
-    from pdserve.router.grpc_server import start_grpc
-    from pdserve.router.http_server import start_http
-    from pdserve.router.security import load_security
+    from router.grpc_server import start_grpc
+    from router.http_server import start_http
+    from router.security import load_security
 
     security = load_security(config.router.tls, config.router.auth)  # before anything starts: fail fast
     model_dir = str(resolve_model(config.engine.model))
@@ -177,7 +170,7 @@ async def deploy(config: ServeConfig) -> Deployment:
     )
     metrics = RouterMetrics()
     handoff = None
-    if config.workers.mode != COLOCATED:
+    if config.workers.mode != Role.COLOCATED:
         t = config.transfer
         budget = ReceiveBudget(t.receive_buffer_mib << 20)
         handoff = Handoff(t.deadline_s, t.min_prompt_tokens, budget, make_policy(config.router.prefill_policy),
@@ -199,7 +192,7 @@ def load_predictor(head_file: str | None) -> TextPredictor | None:
     """The router's output-length predictor: a head trained by `pdserve predictor train`; None: no prediction."""
     if head_file is None:
         return None
-    from pdserve.router.length_predictor import LearnedLengthPredictor  # torch, and MiniLM for an embedding head
+    from router.predictor.learned import LearnedLengthPredictor  # torch, and MiniLM for an embedding head
 
     return LearnedLengthPredictor.load(head_file)
 

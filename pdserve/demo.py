@@ -11,10 +11,9 @@ import dataclasses
 import sys
 import time
 
-from pdserve_client import AsyncClient
-
 from pdserve.cluster import deploy
 from pdserve.config import ServeConfig
+from pdserve_client import AsyncClient
 
 PROMPTS = (
     "What is the capital of France? Answer in one sentence.",

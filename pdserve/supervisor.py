@@ -16,8 +16,8 @@ from typing import Any
 
 from ray.exceptions import ActorDiedError, RayError
 
-from pdserve.channel import WorkerChannel
-from pdserve.router.registry import Instance, Registry
+from router.channel import WorkerChannel
+from router.registry import Instance, Registry
 
 log = logging.getLogger(__name__)
 

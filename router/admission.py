@@ -22,7 +22,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
-from pdserve.router.errors import Overloaded
+from common.errors import Overloaded
 
 T = TypeVar("T")
 

@@ -17,8 +17,8 @@ import time
 from collections.abc import AsyncGenerator, Iterator
 from dataclasses import dataclass
 
-from pdserve.router.request import Request
-from pdserve.router.service import Delta, Router
+from router.request import Request
+from router.service import Delta, Router
 
 
 def deadline_after(timeout_s: float | None) -> float | None:

@@ -21,15 +21,16 @@ import grpc
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from pdserve_client.v1 import pdserve_pb2 as pb
 
-from pdserve import __version__
-from pdserve.router.errors import InvalidArgument, ServeError, trailing_metadata
-from pdserve.router.frontend import LiveStreams, deadline_after, open_stream
-from pdserve.router.request import ChatMessage, Request, SamplingSpec
-from pdserve.router.security import Security, interceptors, server_credentials
-from pdserve.router.service import COLOCATED, DECODE, PREFILL, Delta, Router, new_request_id
-from pdserve.router.validation import check_client_request_id
+from common.errors import InvalidArgument, ServeError, trailing_metadata
+from common.roles import Role
+from common.version import VERSION as __version__
+from pdserve_client.v1 import pdserve_pb2 as pb
+from router.frontend import LiveStreams, deadline_after, open_stream
+from router.request import ChatMessage, Request, SamplingSpec
+from router.security import Security, interceptors, server_credentials
+from router.service import Delta, Router, new_request_id
+from router.validation import check_client_request_id
 
 log = logging.getLogger(__name__)
 
@@ -150,15 +151,15 @@ class GenerationService:
 
 def server_info(router: Router) -> pb.ServerInfo:
     count = router.registry.count
-    colocated = count(COLOCATED)
+    colocated = count(Role.COLOCATED)
     return pb.ServerInfo(
         version=__version__,
         mode=router.mode,
         default_model=router.limits.model_name,
         max_model_len=router.limits.max_model_len,
         max_tokens_limit=router.limits.max_tokens_limit,
-        prefill_instances=colocated or count(PREFILL),
-        decode_instances=colocated or count(DECODE),
+        prefill_instances=colocated or count(Role.PREFILL),
+        decode_instances=colocated or count(Role.DECODE),
     )
 
 

@@ -41,14 +41,14 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from pdserve import __version__
-from pdserve.config import TlsConfig
-from pdserve.router.errors import Overloaded, ServeError, retry_after_header
-from pdserve.router.frontend import deadline_after, open_stream
-from pdserve.router.openai_wire import BadField, ChatBody, CompletionBody, Reply, chat_request, completion_request
-from pdserve.router.request import Request
-from pdserve.router.security import AUTHORIZATION, SCHEME, Security, check_bearer
-from pdserve.router.service import Delta, Router, new_request_id
+from common.errors import Overloaded, ServeError, retry_after_header
+from common.version import VERSION as __version__
+from router.config import TlsConfig
+from router.frontend import deadline_after, open_stream
+from router.openai_wire import BadField, ChatBody, CompletionBody, Reply, chat_request, completion_request
+from router.request import Request
+from router.security import AUTHORIZATION, SCHEME, Security, check_bearer
+from router.service import Delta, Router, new_request_id
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

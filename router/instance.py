@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from pdserve.router.kv_placement import KvProfile
+    from router.kv_placement import KvProfile
 
 
 @dataclass(frozen=True, slots=True)

@@ -35,11 +35,11 @@ from itertools import accumulate, islice
 from operator import add, attrgetter, itemgetter, mul, neg
 from typing import TypeVar
 
-from pdserve.router.errors import Overloaded
-from pdserve.router.instance import InstanceSnapshot, RequestLoad
-from pdserve.router.placement import EMPTY, Placement
-from pdserve.router.policy import eligible
-from pdserve.router.sorted_pool import SortedPool
+from common.errors import Overloaded
+from router.instance import InstanceSnapshot, RequestLoad
+from router.placement import EMPTY, Placement
+from router.policy import eligible
+from router.sorted_pool import SortedPool
 
 Score = tuple[float, ...]  # lower is better
 Key = TypeVar("Key", float, Score)

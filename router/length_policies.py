@@ -1,12 +1,12 @@
-"""The length-aware policies by name, for `pdserve.router.policy.POLICIES` (which imports this late)."""
+"""The length-aware policies by name, for `router.policy.POLICIES` (which imports this late)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from pdserve.router.kv_placement import LeastKv, MaxTokensWeighted, ProjectedKv
-from pdserve.router.policy import Policy
-from pdserve.router.prefill_placement import PrefixAffinity
+from router.kv_placement import LeastKv, MaxTokensWeighted, ProjectedKv
+from router.policy import Policy
+from router.prefill_placement import PrefixAffinity
 
 LENGTH_AWARE: dict[str, Callable[[], Policy]] = {
     "projected_kv": ProjectedKv,

@@ -21,9 +21,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from pdserve.router.errors import InvalidArgument
-from pdserve.router.request import ChatMessage, Request, SamplingSpec
-from pdserve.router.service import Delta, Outcome
+from common.errors import InvalidArgument
+from router.request import ChatMessage, Request, SamplingSpec
+from router.service import Delta, Outcome
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's documented default for /v1/completions
 # Refused unless absent or neutral (null, false, 0, empty, or the value named here).

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pdserve.router.prediction import LengthPrediction, from_max_tokens
+from router.predictor.prediction import LengthPrediction, from_max_tokens
 
 
 @dataclass(frozen=True, slots=True)

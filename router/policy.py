@@ -12,9 +12,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
-from pdserve.router.errors import NoInstance
-from pdserve.router.instance import InstanceSnapshot
-from pdserve.router.placement import Placement
+from common.errors import NoInstance
+from router.instance import InstanceSnapshot
+from router.placement import Placement
 
 
 class Policy(Protocol):
@@ -66,7 +66,7 @@ class LeastOutstanding:
 
 def _length_aware(name: str) -> Callable[[], Policy]:
     def make() -> Policy:
-        from pdserve.router.length_policies import LENGTH_AWARE  # late: those policies build on this module
+        from router.length_policies import LENGTH_AWARE  # late: those policies build on this module
 
         return LENGTH_AWARE[name]()
 

@@ -13,10 +13,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from pdserve.router.instance import InstanceSnapshot
-from pdserve.router.placement import EMPTY, Placement
-from pdserve.router.policy import eligible
-from pdserve.router.sorted_pool import SortedPool
+from router.instance import InstanceSnapshot
+from router.placement import EMPTY, Placement
+from router.policy import eligible
+from router.sorted_pool import SortedPool
 
 
 def cached_tokens(placement: Placement, cached: frozenset[int]) -> int:

@@ -12,9 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from pdserve.engine import EngineInfo, EngineStats
-from pdserve.router.instance import InstanceSnapshot, RequestLoad
-from pdserve.router.prediction import LengthPrediction, remaining
+from common.results import EngineInfo, EngineStats
+from router.instance import InstanceSnapshot, RequestLoad
+from router.predictor.prediction import LengthPrediction, remaining
 
 
 @dataclass(slots=True)
@@ -40,7 +40,7 @@ class Instance:
     role: str
     handle: Any  # the worker's Ray actor handle: lifecycle calls (stats, abort, release, shutdown)
     info: EngineInfo
-    channel: Any  # the worker's request channel (`pdserve.channel.WorkerChannel`): prompts in, tokens out
+    channel: Any  # the worker's request channel (`worker.channel_server.WorkerChannel`): prompts in, tokens out
     outstanding: int = 0
     healthy: bool = True
     draining: bool = False  # out of placement; it finishes the requests it has

@@ -4,24 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from common.sampling import SamplingSpec
+
 
 @dataclass(frozen=True, slots=True)
 class ChatMessage:
     role: str
     content: str
-
-
-@dataclass(frozen=True, slots=True)
-class SamplingSpec:
-    """Sampling as the client asked for it; None means "the default"."""
-
-    max_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-    ignore_eos: bool = False
-    stop_token_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,7 +24,7 @@ from typing import Any
 
 import grpc
 
-from pdserve.config import AuthConfig, TlsConfig
+from router.config import AuthConfig, TlsConfig
 
 AUTHORIZATION = "authorization"
 SCHEME = "Bearer"

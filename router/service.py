@@ -35,28 +35,26 @@ from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from pdserve.channel import WorkerGone
-from pdserve.kv_transfer.params import RecvSpec, SendSpec, blocks_for, to_params
-from pdserve.router.admission import Gate
-from pdserve.router.errors import DeadlineExceeded, EngineFailure, InvalidArgument, Overloaded, ServeError
-from pdserve.router.length_policies import LENGTH_AWARE
-from pdserve.router.metrics import RouterMetrics
-from pdserve.router.placement import Placement
-from pdserve.router.policy import Policy
-from pdserve.router.prediction import LengthPrediction, TextPredictor, remaining
-from pdserve.router.receive_budget import ReceiveBudget, TooLarge
-from pdserve.router.registry import Held, Instance, Registry
-from pdserve.router.request import Request
-from pdserve.router.timings import Clock, PhaseTimings
-from pdserve.router.tokenizer import PromptTokenizer
-from pdserve.router.validation import Limits, check_prompt_tokens, check_request, check_resume
+from common.errors import DeadlineExceeded, EngineFailure, InvalidArgument, Overloaded, ServeError
+from common.roles import Role
+from kv_transfer.params import RecvSpec, SendSpec, blocks_for, to_params
+from router.admission import Gate
+from router.channel import WorkerGone
+from router.length_policies import LENGTH_AWARE
+from router.metrics import RouterMetrics
+from router.placement import Placement
+from router.policy import Policy
+from router.predictor.prediction import LengthPrediction, TextPredictor, remaining
+from router.receive_budget import ReceiveBudget, TooLarge
+from router.registry import Held, Instance, Registry
+from router.request import Request
+from router.timings import Clock, PhaseTimings
+from router.tokenizer import PromptTokenizer
+from router.validation import Limits, check_prompt_tokens, check_request, check_resume
 
 log = logging.getLogger(__name__)
 
-COLOCATED = "colocated"
 MAX_RESUMES = 2  # lost workers a request survives
-PREFILL = "prefill"
-DECODE = "decode"
 
 
 @dataclass(frozen=True)
@@ -132,7 +130,7 @@ class Router:
 
     @property
     def mode(self) -> str:
-        return "disaggregated" if self.handoff is not None else COLOCATED
+        return "disaggregated" if self.handoff is not None else Role.COLOCATED
 
     async def generate(self, request: Request) -> AsyncIterator[Delta]:
         """Streams the request's deltas; every request that ends is counted once in the metrics, by outcome."""
@@ -240,9 +238,9 @@ class Router:
         run.legs += 1
         run.prefill_instance, run.on_first_chunk = "", None
         h = self.handoff
-        disaggregated = h is not None and len(run.context) >= h.min_prompt_tokens and self._any_eligible(PREFILL)
+        disaggregated = h is not None and len(run.context) >= h.min_prompt_tokens and self._any_eligible(Role.PREFILL)
         # Colocated mode, short prompts, and every prefill instance lost: the request runs whole on one instance.
-        instance = await self._place(DECODE if h is not None else COLOCATED, run)
+        instance = await self._place(Role.DECODE if h is not None else Role.COLOCATED, run)
         try:
             if disaggregated:
                 assert h is not None
@@ -322,7 +320,7 @@ class Router:
     def _pick_prefill(self) -> Instance:
         assert self.handoff is not None
         policy = self.handoff.prefill_policy
-        return self.registry.get(policy.pick(self.registry.snapshots(PREFILL, policy.name in LENGTH_AWARE)))
+        return self.registry.get(policy.pick(self.registry.snapshots(Role.PREFILL, policy.name in LENGTH_AWARE)))
 
     async def _disaggregated(self, run: _Run, handoff: Handoff, decode: Instance) -> AsyncIterator[Delta]:
         request, clock, context = run.request, run.clock, run.context

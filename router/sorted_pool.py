@@ -9,7 +9,7 @@ from itertools import compress
 from operator import is_not
 from typing import Generic, TypeVar
 
-from pdserve.router.instance import InstanceSnapshot
+from router.instance import InstanceSnapshot
 
 T = TypeVar("T")
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 from tokenizers.decoders import DecodeStream
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from pdserve.router.errors import InvalidArgument
-from pdserve.router.request import Request
+from common.errors import InvalidArgument
+from router.request import Request
 
 
 class TextStream:

@@ -12,8 +12,8 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from pdserve.router.errors import InvalidArgument, ModelNotFound
-from pdserve.router.request import Request
+from common.errors import InvalidArgument, ModelNotFound
+from router.request import Request
 
 CHAT_ROLES = ("system", "user", "assistant")
 MAX_TEMPERATURE = 2.0  # vLLM's own bound

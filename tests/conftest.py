@@ -29,7 +29,7 @@ TINY_ENGINE = {"max_model_len": 1024, "max_num_seqs": 16, "max_num_batched_token
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from pdserve.models import make_tiny_llama
+    from pdserve_tools.tiny_model import make_tiny_llama
 
     return make_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama", seed=0)
 

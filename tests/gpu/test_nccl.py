@@ -16,10 +16,10 @@ from typing import Any
 
 import pytest
 
-from pdserve.kv_transfer.nccl import NcclConfig, NcclLink, SameDevice, device_uuid
-from pdserve.kv_transfer.nccl_keys import Go, Offer, Reject, TransferKey
-from pdserve.kv_transfer.ticket import Endpoint
-from pdserve.kv_transfer.transport import TransportTimeout
+from kv_transfer.endpoint import Endpoint
+from kv_transfer.experimental.nccl import NcclConfig, NcclLink, SameDevice, device_uuid
+from kv_transfer.experimental.nccl_keys import Go, Offer, Reject, TransferKey
+from kv_transfer.transport import TransportTimeout
 
 
 def _gpus() -> tuple[int, str]:

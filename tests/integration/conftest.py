@@ -83,7 +83,7 @@ def handles(dep):
 def assert_nothing_held(dep):
     """Every engine idle with every KV block free; no send in progress, no receive buffer in use, no receive
     budget booked (the count `pdserve chaos` reports)."""
-    from pdserve.chaos import held
+    from pdserve_tools.chaos import held
 
     left = dep.loop.run(held(dep.router, idle_timeout_s=60.0))
     assert left.total == 0, left

@@ -14,11 +14,11 @@ import asyncio
 import grpc
 import httpx
 import pytest
+
 from pdserve_client import Client
 from pdserve_client.v1 import pdserve_pb2 as pb
 from pdserve_client.v1 import pdserve_pb2_grpc as pb_grpc
-
-from pdserve.chaos import held
+from pdserve_tools.chaos import held
 from tests.conftest import TINY_ENGINE, poll, start_deployment, stop_deployment
 
 pytestmark = pytest.mark.integration

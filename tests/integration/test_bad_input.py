@@ -5,6 +5,7 @@ from __future__ import annotations
 import grpc
 import pytest
 import ray
+
 from pdserve_client import Client, InvalidArgument, NotFound, PdserveError
 
 pytestmark = pytest.mark.integration

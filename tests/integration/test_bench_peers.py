@@ -14,11 +14,11 @@ import aiohttp
 import psutil
 import pytest
 
-from pdserve.bench.openai_driver import OpenAIDriver
-from pdserve.bench.peers import SERVED_MODEL, STARTUP_TIMEOUT_S, PeerStartError, vllm_disagg_example, vllm_openai
-from pdserve.bench.serve_metrics import RequestTrace
-from pdserve.bench.workload import BenchRequest
 from pdserve.config import EngineConfig
+from pdserve_tools.bench.openai_driver import OpenAIDriver
+from pdserve_tools.bench.peers import SERVED_MODEL, STARTUP_TIMEOUT_S, PeerStartError, vllm_disagg_example, vllm_openai
+from pdserve_tools.bench.serve_metrics import RequestTrace
+from pdserve_tools.bench.workload import BenchRequest
 from tests.conftest import TINY_ENGINE, LoopThread, free_port
 
 pytestmark = pytest.mark.integration

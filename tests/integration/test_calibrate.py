@@ -14,7 +14,7 @@ import sys
 import pytest
 
 from pdserve.cli import main as cli
-from pdserve.sim.cost import CostModel
+from pdserve_tools.sim.cost import CostModel
 
 pytestmark = pytest.mark.integration
 

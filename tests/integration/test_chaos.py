@@ -19,9 +19,9 @@ import random
 
 import pytest
 import ray
-from pdserve_client import AsyncClient, Client
 
-from pdserve.chaos import ChaosConfig, run_chaos
+from pdserve_client import AsyncClient, Client
+from pdserve_tools.chaos import ChaosConfig, run_chaos
 from tests.conftest import start_deployment, stop_deployment
 from tests.integration.conftest import assert_nothing_held
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import ray
-from pdserve_client import Client
 
 from pdserve.config import WorkersConfig
+from pdserve_client import Client
 from tests.conftest import start_deployment, stop_deployment
 
 pytestmark = pytest.mark.integration

@@ -13,8 +13,8 @@ import random
 import time
 
 import pytest
-from pdserve_client import AsyncClient, Cancelled, Client
 
+from pdserve_client import AsyncClient, Cancelled, Client
 from tests.conftest import start_deployment, stop_deployment
 from tests.integration.conftest import LENGTHS, MAX_TOKENS, assert_nothing_held, complete_greedy, prompts
 
@@ -136,8 +136,8 @@ def test_blocks_return_to_baseline_after_random_cancels(disagg):
 def test_a_transfer_that_never_comes_falls_back_to_recompute(disagg, reference):
     """A decode request whose KV never arrives (a stalled peer) waits out the transfer deadline, then the engine
     recomputes the prompt: the output is still exact and nothing stays held."""
-    from pdserve.kv_transfer.params import RecvSpec, to_params
-    from pdserve.router.request import SamplingSpec
+    from kv_transfer.params import RecvSpec, to_params
+    from router.request import SamplingSpec
 
     ids = prompts()[4]
     expected = reference.single[4][0]

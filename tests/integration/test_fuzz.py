@@ -35,6 +35,7 @@ import ray
 from google.protobuf.message import DecodeError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from pdserve_client.v1 import pdserve_pb2 as pb
 
 pytestmark = pytest.mark.integration

@@ -16,9 +16,9 @@ import urllib.request
 import openai
 import pytest
 import ray
-from pdserve_client import Client
 
-from pdserve.router.errors import DeadlineExceeded, EngineFailure, InvalidArgument, ModelNotFound, Overloaded
+from common.errors import DeadlineExceeded, EngineFailure, InvalidArgument, ModelNotFound, Overloaded
+from pdserve_client import Client
 from tests.integration.test_serving import assert_engines_idle, scrape, workers
 
 pytestmark = pytest.mark.integration
@@ -235,7 +235,7 @@ def test_disconnect_before_a_whole_response_stops_the_request(oai, deployment):
     (EngineFailure("x"), 503, "engine_failure"),
 ])
 def test_every_serving_error_has_its_http_status(error, status, code):
-    from pdserve.router.http_server import error_response
+    from router.http_server import error_response
 
     reply = error_response(error)
     assert reply.status_code == status

@@ -15,11 +15,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+
 from pdserve_client import Client
 from pdserve_client.errors import ResourceExhausted
-
-from pdserve.router.policy import make_policy
-from pdserve.router.prediction import FixedPrediction
+from router.policy import make_policy
+from router.predictor.prediction import FixedPrediction
 from tests.conftest import TINY_ENGINE, start_deployment, stop_deployment
 from tests.integration.test_prometheus import scraped_now
 

@@ -19,8 +19,8 @@ import psutil
 import pytest
 
 from pdserve.cli import main as cli
-from pdserve.predictor.label import LabelConfig, engine, label, remaining
-from pdserve.predictor.store import read_labels
+from pdserve_tools.predictor.label import LabelConfig, engine, label, remaining
+from pdserve_tools.predictor.store import read_labels
 
 pytestmark = pytest.mark.integration
 

@@ -22,8 +22,8 @@ from typing import Any
 
 import pytest
 import yaml
-from pdserve_client import Client
 
+from pdserve_client import Client
 from tests.conftest import free_port, poll
 
 pytestmark = pytest.mark.integration

@@ -31,8 +31,8 @@ from typing import Any
 import psutil
 import pytest
 import yaml
-from pdserve_client import Client
 
+from pdserve_client import Client
 from tests.conftest import TINY_ENGINE, free_port, poll
 
 pytestmark = pytest.mark.integration

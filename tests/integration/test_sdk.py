@@ -14,11 +14,11 @@ from collections.abc import Sequence
 
 import grpc
 import pytest
+
 from pdserve_client import Client, PdserveError, Retry
 from pdserve_client.v1 import pdserve_pb2 as pb
 from pdserve_client.v1 import pdserve_pb2_grpc as pb_grpc
-
-from pdserve.router.grpc_server import start_grpc
+from router.grpc_server import start_grpc
 from tests.integration.test_serving import assert_engines_idle
 
 pytestmark = pytest.mark.integration

@@ -17,8 +17,8 @@ import httpx
 import openai
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from pdserve_client import Client, Retry, Tls, Unauthenticated, Unavailable
 
+from pdserve_client import Client, Retry, Tls, Unauthenticated, Unavailable
 from tests.conftest import start_deployment, stop_deployment
 from tests.pki import Authority
 

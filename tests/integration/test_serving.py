@@ -9,6 +9,7 @@ import pytest
 import ray
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
 from pdserve_client import AsyncClient, Cancelled, Client, DeadlineExceeded, InvalidArgument
 
 pytestmark = pytest.mark.integration

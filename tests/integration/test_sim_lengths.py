@@ -1,7 +1,7 @@
 """ShareGPT-derived lengths for the simulator, from the real ShareGPT file and a real tokenizer."""
 
-from pdserve.sim import WorkloadConfig, generate
-from pdserve.sim.lengths import sharegpt_lengths
+from pdserve_tools.sim import WorkloadConfig, generate
+from pdserve_tools.sim.lengths import sharegpt_lengths
 
 
 def test_sharegpt_lengths_are_filtered_deterministic_and_drive_a_workload(tiny_model):

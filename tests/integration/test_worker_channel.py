@@ -14,10 +14,10 @@ import socket
 
 import pytest
 import ray
-from pdserve_client import Client
 
-from pdserve.channel import LENGTH
+from pdserve_client import Client
 from tests.conftest import start_deployment, stop_deployment
+from worker.channel_server import LENGTH
 
 pytestmark = pytest.mark.integration
 

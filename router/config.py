@@ -1,0 +1,96 @@
+"""The router's configuration: `RouterConfig` with its frontends' `TlsConfig` and `AuthConfig`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """TLS on the router's gRPC and HTTP frontends, from PEM files. `cert_file` and `key_file` (the server's
+    certificate chain and private key) turn it on; `client_ca_file` makes it mutual: every client must present a
+    certificate that this CA signed. Only paths live in the config, never key material."""
+
+    cert_file: str | None = None
+    key_file: str | None = None
+    client_ca_file: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("router.tls.cert_file and router.tls.key_file must be set together")
+        if self.client_ca_file is not None and self.cert_file is None:
+            raise ValueError("router.tls.client_ca_file (mutual TLS) needs router.tls.cert_file and key_file")
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert_file is not None
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    """Bearer-token authentication on both frontends. The token is read at start from the environment variable
+    named by `token_env` or from the file `token_file`, never from the config itself; neither set: no
+    authentication."""
+
+    token_env: str | None = None
+    token_file: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.token_env is not None and self.token_file is not None:
+            raise ValueError("router.auth: set token_env or token_file, not both")
+        if self.token_env == "":
+            raise ValueError("router.auth.token_env must name an environment variable")
+
+    @property
+    def enabled(self) -> bool:
+        return self.token_env is not None or self.token_file is not None
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """The router and its frontends: gRPC on `port`, the OpenAI-compatible HTTP API on `http_port`, Prometheus
+    metrics on `metrics_port`, all on `host`; a port of 0 picks a free one."""
+
+    host: str = "127.0.0.1"
+    port: int = 50051
+    http_port: int = 8000  # OpenAI-compatible HTTP: /v1/completions, /v1/chat/completions, /v1/models, /health
+    metrics_port: int = 9400  # Prometheus /metrics over HTTP
+    policy: str = "least_outstanding"  # places whole requests (colocated) and decodes (disaggregated)
+    prefill_policy: str = "least_outstanding"  # places prefills (disaggregated)
+    # A head file from `pdserve predictor train`: each request's output length is predicted from its prompt, for
+    # length-aware policies and the prediction-error metrics. None: every request is taken to run to max_tokens.
+    predictor: str | None = None
+    # Requests a length-aware policy finds no KV room for wait for a request to end, up to this many at once.
+    hold_queue: int = 256
+    max_tokens_limit: int = 1024
+    default_max_tokens: int = 128
+    # Admission: at most `max_outstanding` requests run at once (0: no limit), `admission_queue` more wait for a
+    # slot; one more is refused (RESOURCE_EXHAUSTED / 429) with a retry hint of about `retry_after_s`.
+    max_outstanding: int = 0
+    admission_queue: int = 1024
+    retry_after_s: float = 1.0
+    tls: TlsConfig = field(default_factory=TlsConfig)  # off unless cert_file and key_file are set
+    auth: AuthConfig = field(default_factory=AuthConfig)  # off unless token_env or token_file is set
+
+    def __post_init__(self) -> None:
+        for name in ("port", "http_port", "metrics_port"):
+            if not 0 <= getattr(self, name) <= 65535:
+                raise ValueError(f"router.{name} must be in [0, 65535], got {getattr(self, name)}")
+        for name in ("max_outstanding", "admission_queue", "hold_queue"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"router.{name} must be >= 0, got {getattr(self, name)}")
+        if not self.retry_after_s > 0:
+            raise ValueError(f"router.retry_after_s must be > 0 seconds, got {self.retry_after_s}")
+        if self.max_tokens_limit < 1:
+            raise ValueError(f"router.max_tokens_limit must be >= 1, got {self.max_tokens_limit}")
+        from router.policy import POLICIES, PREFILL_POLICIES
+
+        if self.policy not in POLICIES:
+            raise ValueError(f"router.policy must be one of {sorted(POLICIES)}, got {self.policy!r}")
+        if self.prefill_policy not in PREFILL_POLICIES:
+            raise ValueError(f"router.prefill_policy must be one of {sorted(PREFILL_POLICIES)}, got "
+                             f"{self.prefill_policy!r}")
+        if self.predictor is not None and not Path(self.predictor).is_file():
+            raise ValueError(f"router.predictor: no head file at {self.predictor!r}; train one with "
+                             "`pdserve predictor train`, or leave it null")

@@ -1,0 +1,1 @@
+"""pdserve-tools: benchmarks, the simulator, predictor labelling and training, chaos runs."""

@@ -1,0 +1,121 @@
+"""The `pdserve` sub-commands this distribution adds (entry-point group `pdserve.commands`): bench, sim,
+calibrate, chaos and predictor. Each command's module is imported only when the command runs."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from pdserve_tools.bench.overload import add_parser as add_overload
+from pdserve_tools.bench.serve import add_parser
+from pdserve_tools.chaos_command import add_parser as add_chaos
+from pdserve_tools.predictor.commands import add_parsers as add_predictor
+from pdserve_tools.sim.calibrate import add_arguments as add_calibrate
+from pdserve_tools.sim.command import add_arguments as add_sim
+
+
+def _bench_overhead(args: argparse.Namespace) -> int:
+    from pdserve_tools.bench.overhead import main
+
+    return main(args)
+
+
+def _bench_transport(args: argparse.Namespace) -> int:
+    from pdserve_tools.bench.transport import main
+
+    return main(["--size-mb", str(args.size_mb), "--repeats", str(args.repeats), "--pieces", str(args.pieces),
+                 "--json", args.out])
+
+
+def _bench_transfer(args: argparse.Namespace) -> int:
+    from pdserve_tools.bench.transfer import main
+
+    return main(args)
+
+
+def _bench_serve(args: argparse.Namespace) -> int:
+    from pdserve_tools.bench.serve import main
+
+    return main(args)
+
+
+def _bench_overload(args: argparse.Namespace) -> int:
+    from pdserve_tools.bench.overload import main
+
+    return main(args)
+
+
+def _sim(args: argparse.Namespace) -> int:
+    from pdserve_tools.sim.command import main
+
+    return main(args)
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from pdserve_tools.sim.calibrate import main
+
+    return main(args)
+
+
+def _chaos(args: argparse.Namespace) -> int:
+    from pdserve_tools.chaos_command import main
+
+    return main(args)
+
+
+def _predictor_label(args: argparse.Namespace) -> int:
+    from pdserve_tools.predictor.label import main
+
+    return main(args)
+
+
+def _predictor_train(args: argparse.Namespace) -> int:
+    from pdserve_tools.predictor.train import main
+
+    return main(args)
+
+
+def _predictor_eval(args: argparse.Namespace) -> int:
+    from pdserve_tools.predictor.evaluate import main
+
+    return main(args)
+
+
+def add_commands(sub: Any) -> None:
+    """Adds the tools' commands to the `pdserve` parser's sub-parsers."""
+    p = sub.add_parser("bench", help="benchmarks")
+    bsub = p.add_subparsers(dest="bench_command", required=True)
+    b = bsub.add_parser("overhead", help="frontend+router+channel overhead per request vs the engine in-process")
+    b.add_argument("--requests", type=int, default=100)
+    b.add_argument("--max-tokens", type=int, default=8)
+    b.add_argument("--model", default=None, help="model folder; default: the embedded default model")
+    b.add_argument("--out", default="bench-results/overhead.json")
+    b.set_defaults(func=_bench_overhead)
+    b = bsub.add_parser("transport", help="CPU KV transports (tcp, shm) against raw loopback TCP, side by side")
+    b.add_argument("--size-mb", type=float, default=64.0)
+    b.add_argument("--repeats", type=int, default=15)
+    b.add_argument("--pieces", type=int, default=1, help="each message as this many views (a KV layer: one per block)")
+    b.add_argument("--out", default="bench-results/transport.json")
+    b.set_defaults(func=_bench_transport)
+    b = bsub.add_parser("transfer", help="KV transfer of real requests (1P1D) against raw loopback bandwidth, "
+                        "and the transfer time layer-wise streaming hides")
+    b.add_argument("--config", help="a serve config (default: the embedded one); its engine and transfer sections")
+    b.add_argument("--model", help="model folder or name (default: the config's)")
+    b.add_argument("--prompt-tokens", type=int, default=1024)
+    b.add_argument("--requests", type=int, default=8, help="requests per mode (layer-wise on, off)")
+    b.add_argument("--raw-repeats", type=int, default=15)
+    b.add_argument("--out", default="bench-results/transfer.json")
+    b.set_defaults(func=_bench_transfer)
+    p = sub.add_parser("sim", help="simulate every decode policy at several cluster sizes: goodput under SLO, "
+                       "preemptions, TPOT p99")
+    add_sim(p)
+    p.set_defaults(func=_sim)
+    p = sub.add_parser("calibrate", help="fit the simulator's cost model to step times measured on a vLLM engine "
+                       "on CPU; writes the cost file `pdserve sim --cost` reads")
+    add_calibrate(p)
+    p.set_defaults(func=_calibrate)
+
+    add_parser(bsub, _bench_serve)
+    add_overload(bsub, _bench_overload)
+    add_chaos(sub, _chaos)
+    add_predictor(sub, _predictor_label, _predictor_train, _predictor_eval)

@@ -1,0 +1,1 @@
+"""The shared worker base: the Ray actor host, the vLLM engine glue, the request-channel server, core binding."""
