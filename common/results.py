@@ -1,6 +1,7 @@
 """What engines report, as plain data that crosses the request channel and Ray: an engine's shape
-(`EngineInfo`), its load (`EngineStats`), one step's tokens (`EngineChunk`), and a prefill's answer
-(`PrefillResult`). The router reads them; the workers write them.
+(`EngineInfo`), its load (`EngineStats`), one step's tokens (`EngineChunk`), a prefill's answer
+(`PrefillResult`), and a KV link that could not be made (`KVLinkFailure`). The router reads them; the workers write
+them.
 """
 
 from __future__ import annotations
@@ -49,3 +50,23 @@ class PrefillResult:
     finish_reason: str | None  # "stop" when the first token already ends the request
     engine_queue: float  # seconds queued in the engine
     compute: float  # seconds from scheduled to first token
+    # Set when the prompt's KV will not reach the decode instance (its link could not be made): what happened,
+    # naming both ends (`KVLinkFailure`). The decode instance must then prefill the prompt itself.
+    kv_failure: str | None = None
+    kv_failure_reason: str = ""  # its kind, a metric label: refused, unreachable, timeout, auth, no_route, error
+
+
+@dataclass(frozen=True, slots=True)
+class KVLinkFailure:
+    """A prefill worker could not open a KV link to a decode worker. `reason` as `kv_failure_reason` above."""
+
+    prefill_instance: str
+    prefill_address: str  # the prefill worker's node address
+    decode_instance: str
+    decode_address: str  # the KV address the decode worker advertised
+    reason: str
+    error: str
+
+    def __str__(self) -> str:
+        return (f"{self.reason}: prefill {self.prefill_instance} (node {self.prefill_address}) could not open a KV "
+                f"link to decode {self.decode_instance} at {self.decode_address}: {self.error}")

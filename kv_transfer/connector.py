@@ -9,13 +9,14 @@ The planner's `StepPlan` travels to the worker inside each step's scheduler outp
 Settings come from `kv_connector_extra_config` (`kv_transfer.config.ConnectorSettings`: an unknown key is an
 error); the cluster secret from the environment
 (`PDSERVE_KV_SECRET`, hex), never from a config file. The actor that owns the engine reaches the worker role
-through `kv_transfer.control` (vLLM's worker extension): the receive address, state, releases.
+through `kv_transfer.control` (vLLM's worker extension): the receive address, state, releases, link probes.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -29,13 +30,16 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
 
 from kv_transfer import shm, tcp
+from kv_transfer.address import KVAddress, tcp_hosts
 from kv_transfer.config import ConnectorSettings
+from kv_transfer.dial import Dialer
 from kv_transfer.endpoint import Endpoint
+from kv_transfer.link import Listener
 from kv_transfer.params import Spec, block_runs, from_params
 from kv_transfer.planner import Scheduled, StepPlan, TransferPlanner
 from kv_transfer.receiver import Receiver
 from kv_transfer.sender import Outgoing, Sender
-from kv_transfer.transport import SECRET_ENV, Transport, TransportConfig
+from kv_transfer.transport import SECRET_ENV, TransportConfig
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -60,27 +64,36 @@ def transport_config(s: ConnectorSettings) -> TransportConfig:
     )
 
 
-def dialer(config: TransportConfig) -> Any:
-    def dial(address: str, timeout: float) -> Transport:
-        kind, _, rest = address.partition(":")
-        if kind == "shm":
-            return shm.connect(rest, config, timeout)
-        if kind == "tcp":
-            host, _, port = rest.rpartition(":")
-            return tcp.connect((host, int(port)), config, timeout)
-        raise ValueError(f"unknown transport address {address!r}")
+def local_addresses() -> list[str]:
+    """Every address of this node's interfaces (its network namespace's)."""
+    import psutil  # a dependency of vLLM's
 
-    return dial
+    return [a.address for addrs in psutil.net_if_addrs().values() for a in addrs
+            if a.family in (socket.AF_INET, socket.AF_INET6)]
 
 
 def listen(s: ConnectorSettings, config: TransportConfig) -> Receiver:
-    if s.transfer.transport == "shm":
-        listener: Any = shm.listen(config)
-        address = f"shm:{listener.address}"
-    else:
-        listener = tcp.listen(config, host=s.transfer.tcp_host)
-        address = f"tcp:{listener.address[0]}:{listener.address[1]}"
-    return Receiver(listener, address, s.transfer.lease_s)
+    """The decode worker's listeners, one per route its transport offers, and the address that names them all."""
+    listeners: list[Listener[Any]] = []
+    shm_name, tcp_address = None, None
+    try:
+        if s.transfer.transport in ("auto", "shm"):
+            listeners.append(shm.listen(config))
+            shm_name = listeners[-1].address
+        if s.transfer.transport in ("auto", "tcp"):
+            bind, advertise = tcp_hosts(s.transfer, s.node_ip, local_addresses())
+            listeners.append(tcp.listen(config, host=bind, port=s.transfer.kv_port))
+            tcp_address = (advertise, listeners[-1].address[1])
+    except BaseException:
+        for listener in listeners:
+            listener.close()
+        raise
+    address = KVAddress(s.node_id, shm_name, tcp_address)
+    log.info("%s: KV listener at %s", s.instance_id, address)
+    return Receiver(listeners, str(address), s.transfer.lease_s)
+
+
+RECORD_KINDS = ("dial", "sent", "recv")
 
 
 @dataclass
@@ -90,21 +103,22 @@ class PdMetadata(KVConnectorMetadata):
 
 @dataclass
 class PdTransferStats(KVConnectorStats):
-    """Per-transfer records from the worker role: "sent" (prefill) and "recv" (decode) lists of dicts."""
+    """Per-transfer records from the worker role, lists of dicts by kind: "dial" (prefill: whether the transfer's link
+    came up, reported at its first layer), "sent" (prefill: the transfer done) and "recv" (decode)."""
 
     def reset(self) -> None:
-        self.data = {"sent": [], "recv": []}
+        self.data = {kind: [] for kind in RECORD_KINDS}
 
     def aggregate(self, other: KVConnectorStats) -> KVConnectorStats:
-        for kind in ("sent", "recv"):
+        for kind in RECORD_KINDS:
             self.data.setdefault(kind, []).extend(other.data.get(kind, []))
         return self
 
     def reduce(self) -> dict[str, int | float]:
-        return {kind: len(self.data.get(kind, [])) for kind in ("sent", "recv")}
+        return {kind: len(self.data.get(kind, [])) for kind in RECORD_KINDS}
 
     def is_empty(self) -> bool:
-        return not self.data.get("sent") and not self.data.get("recv")
+        return not any(self.data.get(kind) for kind in RECORD_KINDS)
 
 
 class KVWorker:
@@ -113,7 +127,9 @@ class KVWorker:
     def __init__(self, s: ConnectorSettings, producer: bool, consumer: bool, num_blocks: int) -> None:
         config = transport_config(s)
         self._num_blocks = num_blocks
-        self.sender = Sender(dialer(config), s.transfer.connect_timeout_s, s.transfer.fault_every) if producer else None
+        self._connect_timeout = s.transfer.connect_timeout_s
+        self.dialer = Dialer(config, s.node_id) if producer else None
+        self.sender = Sender(self.dialer, self._connect_timeout, s.transfer.fault_every) if self.dialer else None
         self.receiver = listen(s, config) if consumer else None
         self._layers: list[torch.Tensor] = []  # per layer: [num_blocks, block bytes] as uint8
         self._index: dict[str, int] = {}
@@ -123,7 +139,7 @@ class KVWorker:
         self._finished: set[str] = set()
         self._loading: dict[str, tuple[int, ...]] = {}  # request -> blocks its load writes
         self._load_errors: set[int] = set()
-        self._records: dict[str, list[dict[str, object]]] = {"sent": [], "recv": []}
+        self._records: dict[str, list[dict[str, object]]] = {kind: [] for kind in RECORD_KINDS}
 
     def register(self, kv_caches: dict[str, torch.Tensor]) -> None:
         for name, kv in kv_caches.items():
@@ -203,10 +219,18 @@ class KVWorker:
         return errors
 
     def take_records(self) -> dict[str, list[dict[str, object]]] | None:
-        if not self._records["sent"] and not self._records["recv"]:
+        if self.sender is not None:
+            self._records["dial"] += self.sender.dialed()
+        if not any(self._records.values()):
             return None
-        records, self._records = self._records, {"sent": [], "recv": []}
+        records, self._records = self._records, {kind: [] for kind in RECORD_KINDS}
         return records
+
+    def probe(self, peers: list[tuple[str, str]]) -> list[dict[str, str]]:
+        """Dials each (instance id, KV address) once and hangs up; a failure record per peer not reached."""
+        if self.dialer is None:
+            raise RuntimeError("only a KV producer (a prefill engine) dials decode workers")
+        return self.dialer.probe(peers, self._connect_timeout)
 
     def release(self, transfer_ids: list[str]) -> int:
         return self.receiver.release(transfer_ids, len(self._layers)) if self.receiver is not None else 0

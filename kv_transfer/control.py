@@ -27,6 +27,13 @@ class KVControl:
         state: dict[str, int] = _worker().state()
         return state
 
+    def pdkv_probe(self, peers: Sequence[tuple[str, str]]) -> list[dict[str, str]]:
+        """Dials each decode worker (instance id, KV address) once, proves the secret and hangs up (a prefill
+        engine only); one record per peer not reached: {"instance_id", "address", "reason", "error"}. Blocks this
+        process for up to `transfer.connect_timeout_s` (the peers are dialed at once): call it at start-up."""
+        failures: list[dict[str, str]] = _worker().probe([(str(i), str(a)) for i, a in peers])
+        return failures
+
     def pdkv_release(self, transfer_ids: Sequence[str]) -> int:
         """Frees what arrived for these transfers and was not claimed; returns the bytes freed."""
         freed: int = _worker().release(list(transfer_ids))

@@ -1,8 +1,10 @@
-"""`Receiver`: the decode worker's incoming KV: a listener, one link per prefill instance, and the loads.
+"""`Receiver`: the decode worker's incoming KV: its listeners, one link per prefill instance, and the loads.
 
-Prefill workers dial the receiver's `address` and prove the cluster secret. Links are fenced by epoch: a link
-from a newer incarnation of an instance replaces the old one (closed), and a link from an older incarnation
-than one already seen is refused.
+Prefill workers dial the receiver's `address` (one route per listener: shared memory, tcp; see
+`kv_transfer.address`) and prove the cluster secret. Links are fenced by epoch: a link from a newer incarnation
+of an instance replaces the old one (closed), and a link from an older incarnation than one already seen is
+refused. A link that went down holding nothing (its peer hung up: a start-up probe, a prefill worker that
+restarted) is closed and forgotten at the next accept tick.
 
 The prefill usually finishes before the router asks the decode engine for the request, so a request's layers
 mostly arrive before their destination is known: they wait in the link's stash, the receive buffer, bounded
@@ -24,6 +26,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 from kv_transfer.drain import drain
 from kv_transfer.endpoint import Epochs, StaleEpoch
@@ -50,9 +53,9 @@ class Landed:
 
 
 class Receiver:
-    def __init__(self, listener: Listener, address: str, lease_s: float, max_loads: int = 64) -> None:
+    def __init__(self, listeners: Sequence[Listener[Any]], address: str, lease_s: float, max_loads: int = 64) -> None:
         self.address = address
-        self._listener = listener
+        self._listeners = list(listeners)
         self._lease = lease_s
         self._links: dict[str, Link] = {}
         self._epochs = Epochs()
@@ -61,8 +64,10 @@ class Receiver:
         self._done: queue.SimpleQueue[Landed] = queue.SimpleQueue()
         self._pool = ThreadPoolExecutor(max_workers=max_loads, thread_name_prefix="pdkv-load")
         self._pending = 0
-        self._accepter = threading.Thread(target=self._accept_loop, name="pdkv-accept", daemon=True)
-        self._accepter.start()
+        self._accepters = [threading.Thread(target=self._accept_loop, args=(listener,), name="pdkv-accept",
+                                            daemon=True) for listener in self._listeners]
+        for accepter in self._accepters:
+            accepter.start()
 
     def load(self, req_id: str, spec: RecvSpec, layers: Sequence[Sequence[memoryview]]) -> None:
         with self._changed:
@@ -106,8 +111,10 @@ class Receiver:
 
     def close(self) -> None:
         self._stop.set()
-        self._listener.close()
-        self._accepter.join(timeout=ACCEPT_POLL_S + 1.0)
+        for listener in self._listeners:
+            listener.close()
+        for accepter in self._accepters:
+            accepter.join(timeout=ACCEPT_POLL_S + 1.0)
         self._pool.shutdown(wait=False, cancel_futures=True)
         with self._changed:
             links, self._links = list(self._links.values()), {}
@@ -153,11 +160,20 @@ class Receiver:
                     raise TransportTimeout(f"prefill instance {instance_id} never connected")
                 self._changed.wait(left)
 
-    def _accept_loop(self) -> None:
+    def _forget_dead_links(self) -> None:
+        with self._changed:
+            dead = {iid: link for iid, link in self._links.items() if not link.is_up and not link.stashed_bytes}
+            for iid in dead:
+                del self._links[iid]
+        for link in dead.values():
+            link.close()
+
+    def _accept_loop(self, listener: Listener[Any]) -> None:
         while not self._stop.is_set():
             self.expire()
+            self._forget_dead_links()
             try:
-                link = self._listener.accept(timeout=ACCEPT_POLL_S)
+                link = listener.accept(timeout=ACCEPT_POLL_S)
             except TransportError:
                 continue  # nobody came, or a peer without the secret: keep listening
             except OSError:

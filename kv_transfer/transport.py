@@ -28,6 +28,7 @@ from kv_transfer.endpoint import Endpoint
 
 MAX_KEY_BYTES = 1024
 SECRET_ENV = "PDSERVE_KV_SECRET"  # the cluster secret, hex: the one place it is read from
+HANDSHAKE_TIMEOUT_S = 5.0  # a new link's authentication must finish within this long
 
 
 class TransportError(Exception):
@@ -93,7 +94,7 @@ class TransportConfig:
 
     endpoint: Endpoint
     secret: bytes
-    handshake_timeout_s: float = 5.0
+    handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S
     stall_timeout_s: float = 10.0
     max_message_bytes: int = 1 << 34
     max_stash_bytes: int = 1 << 30

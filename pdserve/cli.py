@@ -1,4 +1,4 @@
-"""The `pdserve` command: serve, generate, demo, model prepare.
+"""The `pdserve` command: serve, generate, demo, model prepare, config docs.
 
 Other distributions add commands through the entry-point group `pdserve.commands`: a callable that takes the
 sub-parsers and adds its own. `pdserve-tools` adds bench, sim, calibrate, chaos and predictor that way, so the
@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from importlib.metadata import entry_points
@@ -45,7 +46,13 @@ def _generate(args: argparse.Namespace) -> int:
     from pdserve_client import Client, PdserveError
 
     prompt: object = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
-    with Client(args.target) as client:
+    token = None
+    if args.token_env is not None:
+        token = os.environ.get(args.token_env)
+        if not token:
+            print(f"error: --token-env {args.token_env}: that environment variable is not set", file=sys.stderr)
+            return 2
+    with Client(args.target, token=token) as client:
         try:
             final = None
             for chunk in client.generate(
@@ -80,6 +87,18 @@ def _model_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config_docs(args: argparse.Namespace) -> int:
+    from pdserve.config_docs import render
+
+    text = render()
+    if args.out == "-":
+        sys.stdout.write(text)
+    else:
+        with open(args.out, "w") as f:
+            f.write(text)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pdserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -95,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--timeout", type=float, default=120.0)
     p.add_argument("--raw", dest="chat", action="store_false", help="send the prompt as raw text, not a chat")
+    p.add_argument("--token-env", metavar="NAME", help="send the bearer token held in this environment variable")
     p.set_defaults(func=_generate)
 
     p = sub.add_parser("demo", help="start a local cluster, stream a few answers with timings, stop")
@@ -106,8 +126,19 @@ def build_parser() -> argparse.ArgumentParser:
     m = msub.add_parser("prepare", help="convert the bundled SmolLM2-135M-Instruct GGUF into a model folder")
     m.set_defaults(func=_model_prepare)
 
+    p = sub.add_parser("config", help="the configuration's reference")
+    csub = p.add_subparsers(dest="config_command", required=True)
+    c = csub.add_parser("docs", help="write docs/configuration.md from the config dataclasses")
+    c.add_argument("--out", default="docs/configuration.md", help="the file to write; - for standard output")
+    c.set_defaults(func=_config_docs)
+
     for plugin in entry_points(group=PLUGIN_GROUP):  # `pdserve-tools`: bench, sim, calibrate, chaos, predictor
-        plugin.load()(sub)
+        try:
+            add_commands = plugin.load()
+        except Exception as e:  # a broken plugin must not take `pdserve serve` down with it
+            print(f"pdserve: the commands of {plugin.value} are unavailable: {type(e).__name__}: {e}", file=sys.stderr)
+            continue
+        add_commands(sub)
     return parser
 
 

@@ -1,10 +1,9 @@
 """Cluster bring-up: Ray, the worker actors, the router and its gRPC frontend, and their orderly shutdown.
 
-Thread pinning: instance i reserves `cpus_per_instance` Ray CPUs and its engine's OpenMP threads are bound
-to cores [i*c, (i+1)*c) modulo the node's cores (`VLLM_CPU_OMP_THREADS_BIND`), with no core held back
-(`VLLM_CPU_NUM_OF_RESERVED_CPU=0`). Two instances on a 2-core machine thus get one core each. Cores left
-over (one instance on two cores, say) take the actors' own threads (`PDSERVE_ACTOR_CPUS`, bound by the actor
-once its engine runs); with no core left over those float.
+Each pool's actors reserve their pool's Ray CPUs, GPUs and custom resources, so an operator places pools on node
+groups by the resources those nodes advertise. Once Ray has placed them, every node's cores are laid out among the
+instances that landed there (`worker.binding.bind_node`): each engine's OpenMP threads on cores of its own, the
+actors' own threads on the node's cores no engine has (with none left over, those float).
 """
 
 from __future__ import annotations
@@ -23,21 +22,23 @@ import ray
 from common.roles import Role
 from decode.worker import DecodeWorker, consumer_role
 from kv_transfer.transport import SECRET_ENV
-from pdserve.config import RayConfig, ServeConfig, WorkersConfig
+from pdserve.config import RayConfig, ServeConfig
+from pdserve.links import check_links
 from pdserve.models import resolve_model
 from pdserve.supervisor import Supervisor, supervise
 from prefill.worker import PrefillWorker, producer_role
 from router.admission import Gate
 from router.channel import WorkerChannel
+from router.loop_lag import LoopLag
 from router.metrics import RouterMetrics, serve_metrics
-from router.policy import make_policy
+from router.placement import make_policy
 from router.predictor.prediction import TextPredictor
 from router.receive_budget import ReceiveBudget
 from router.registry import Instance, Registry
-from router.service import Handoff, Router
+from router.service import Handoff, Router, RouterParts
 from router.tokenizer import PromptTokenizer
 from router.validation import Limits
-from worker.affinity import ACTOR_CPUS_ENV
+from worker.binding import Binding, bind_node
 from worker.config import EngineConfig
 from worker.engine import KVRole
 from worker.host import EngineHost
@@ -59,8 +60,9 @@ def init_ray(config: RayConfig) -> None:
         ray.init(address=config.address, namespace=config.namespace, log_to_driver=config.log_to_driver)
 
 
-def worker_env(index: int, workers: WorkersConfig, engine: EngineConfig, node_cpus: int) -> dict[str, str]:
-    env = {
+def worker_env(engine: EngineConfig, secret: str) -> dict[str, str]:
+    """The environment of every worker actor's process."""
+    return {
         # Ray starts worker processes at nice 15; an engine there loses its core to any nice-0 process (the
         # router, Ray's own agents) and its steps slow down. Engines run at normal priority.
         "RAY_worker_niceness": "0",
@@ -69,13 +71,8 @@ def worker_env(index: int, workers: WorkersConfig, engine: EngineConfig, node_cp
         # vLLM 0.32's ahead-of-time compile cache fails to load back ("'function' object has no attribute
         # 'finalize_loading'") and recompiles on every start; its older cache path reloads.
         "VLLM_USE_AOT_COMPILE": "0",
+        SECRET_ENV: secret,  # KV links and request channels accept only holders of the secret
     }
-    if workers.bind_threads:
-        env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(str(core) for core in workers.engine_cores(index, node_cpus))
-        spare = workers.spare_cores(node_cpus)
-        if spare:  # the actor's own threads stay off every engine's core (bound once its engine runs)
-            env[ACTOR_CPUS_ENV] = ",".join(str(core) for core in spare)
-    return env
 
 
 def cluster_secret() -> str:
@@ -83,34 +80,63 @@ def cluster_secret() -> str:
     return os.environ.get(SECRET_ENV) or secrets.token_hex(32)
 
 
-async def start_workers(config: ServeConfig, model_dir: str, secret: str) -> list[Instance]:
-    node_cpus = os.cpu_count() or 1
-    workers = config.workers
+def _actor(role: Role, instance_id: str, config: ServeConfig) -> tuple[type[EngineHost], KVRole | None]:
+    """The actor class of a role and its engine's KV role."""
+    if role == Role.PREFILL:
+        return PrefillWorker, producer_role(instance_id, config.transfer)
+    if role == Role.DECODE:
+        return DecodeWorker, consumer_role(instance_id, config.transfer)
+    return DecodeWorker, None
+
+
+@dataclass(frozen=True)
+class Worker:
+    """One worker actor before its engine starts."""
+
+    instance_id: str
+    role: Role
+    handle: Any  # its Ray actor handle
+    cpus: int
+
+
+async def _bindings(workers: list[Worker]) -> dict[str, Binding]:
+    """Every worker's cores, laid out per node once Ray has placed the actors."""
+    nodes = await asyncio.gather(*(w.handle.node.remote() for w in workers))
+    by_node: dict[str, list[tuple[Worker, int]]] = {}
+    for w, (node_id, node_cpus) in zip(workers, nodes, strict=True):
+        by_node.setdefault(node_id, []).append((w, node_cpus))
+    bindings = {}
+    for placed in by_node.values():
+        layout = bind_node([w.cpus for w, _ in placed], placed[0][1])
+        bindings.update({w.instance_id: b for (w, _), b in zip(placed, layout, strict=True)})
+    return bindings
+
+
+async def start_workers(config: ServeConfig, model_dir: str, secret: str) -> tuple[list[Instance], dict[str, Binding]]:
+    """Starts every pool's actors and engines; the instances, and each one's core binding (none: unbound)."""
     run = time.time_ns() // 1_000_000  # names this deployment's actors apart from a stopped one's
-    plan: list[tuple[str, Role, type[EngineHost], KVRole | None]]
-    if workers.mode == Role.COLOCATED:
-        plan = [(f"{Role.COLOCATED}-{i}", Role.COLOCATED, DecodeWorker, None) for i in range(workers.instances)]
-    else:
-        t = config.transfer
-        plan = [(f"{Role.PREFILL}-{i}", Role.PREFILL, PrefillWorker, producer_role(f"{Role.PREFILL}-{i}", t))
-                for i in range(workers.prefill_instances)]
-        plan += [(f"{Role.DECODE}-{i}", Role.DECODE, DecodeWorker, consumer_role(f"{Role.DECODE}-{i}", t))
-                 for i in range(workers.decode_instances)]
-    handles: list[tuple[str, Role, Any]] = []
-    for index, (instance_id, role, cls, kv) in enumerate(plan):
-        env = worker_env(index, workers, config.engine, node_cpus)
-        env[SECRET_ENV] = secret  # KV links and request channels accept only holders of the secret
-        handle = ray.remote(cls).options(  # type: ignore[attr-defined]
-            name=f"{instance_id}@{run}",  # unique per deployment: a stopped deployment's names may linger
-            num_cpus=workers.cpus_per_instance,
-            max_restarts=-1,  # Ray restarts a dead worker; the supervisor starts its engine and rejoins it
-            max_task_retries=0,  # a request on a dead worker is resumed by the router, not replayed by Ray
-            runtime_env={"env_vars": env},
-        ).remote(instance_id, config.engine, model_dir, kv)
-        handles.append((instance_id, role, handle))
-    infos = await asyncio.gather(*(h.start.remote() for _, _, h in handles))
-    return [Instance(iid, role, h, info, WorkerChannel(info.request_address, secret))
-            for (iid, role, h), info in zip(handles, infos, strict=True)]
+    env = worker_env(config.engine, secret)
+    workers = []
+    for role, pool in config.workers.pools():
+        engine = pool.engine_config(config.engine)
+        for i in range(pool.instances):
+            instance_id = f"{role}-{i}"
+            cls, kv = _actor(role, instance_id, config)
+            handle = ray.remote(cls).options(  # type: ignore[attr-defined]
+                name=f"{instance_id}@{run}",  # unique per deployment: a stopped deployment's names may linger
+                num_cpus=pool.cpus,
+                num_gpus=pool.gpus,
+                resources=dict(pool.resources),
+                max_restarts=-1,  # Ray restarts a dead worker; the supervisor starts its engine and rejoins it
+                max_task_retries=0,  # a request on a dead worker is resumed by the router, not replayed by Ray
+                runtime_env={"env_vars": env},
+            ).remote(instance_id, engine, model_dir, kv, config.workers.channel_port)
+            workers.append(Worker(instance_id, role, handle, pool.cpus))
+    bindings = await _bindings(workers) if config.workers.bind_threads else {}
+    infos = await asyncio.gather(*(w.handle.start.remote(bindings.get(w.instance_id)) for w in workers))
+    instances = [Instance(w.instance_id, w.role, w.handle, info, WorkerChannel(info.request_address, secret))
+                 for w, info in zip(workers, infos, strict=True)]
+    return instances, bindings
 
 
 @dataclass
@@ -125,6 +151,7 @@ class Deployment:
     metrics_port: int
     http_server: Any  # the OpenAI-compatible HTTP frontend (`router.http_server.HttpServer`)
     http_port: int
+    loop_lag: LoopLag  # samples the router's event loop
 
     @property
     def target(self) -> str:
@@ -142,13 +169,14 @@ class Deployment:
 
     async def stop(self, grace: float = 5.0) -> None:
         await asyncio.gather(self.server.stop(grace), self.http_server.stop(grace))
-        await self.supervisor.stop()
+        await asyncio.gather(self.supervisor.stop(), self.loop_lag.stop())
         self.metrics_server.shutdown()
         instances = self.router.registry.all()
         await asyncio.gather(*(i.channel.close() for i in instances))
         await asyncio.gather(*(i.handle.shutdown.remote() for i in instances), return_exceptions=True)
         for i in instances:
             ray.kill(i.handle)
+        self.router.tokenizer.close()
 
 
 async def deploy(config: ServeConfig) -> Deployment:
@@ -160,8 +188,9 @@ async def deploy(config: ServeConfig) -> Deployment:
     model_dir = str(resolve_model(config.engine.model))
     init_ray(config.ray)
     secret = cluster_secret()
-    instances = await start_workers(config, model_dir, secret)
-    tokenizer = PromptTokenizer(model_dir)
+    instances, bindings = await start_workers(config, model_dir, secret)
+    await check_links(instances)  # every prefill reaches every decode's KV listener, or start-up fails here
+    tokenizer = PromptTokenizer(model_dir, config.router.max_prompt_bytes)
     limits = Limits(
         model_name=served_name(config.engine.model),
         max_model_len=min(i.info.max_model_len for i in instances),
@@ -177,15 +206,18 @@ async def deploy(config: ServeConfig) -> Deployment:
                           t.layerwise)
     registry = Registry(instances)
     r = config.router
-    router = Router(registry, make_policy(r.policy), tokenizer, limits, metrics, handoff,
-                    Gate(r.max_outstanding, r.admission_queue, r.retry_after_s), load_predictor(r.predictor),
-                    r.hold_queue)
+    router = Router(RouterParts(registry, make_policy(r.policy), tokenizer, limits, metrics, handoff,
+                                Gate(r.max_outstanding, r.admission_queue, r.retry_after_s),
+                                load_predictor(r.predictor), r.hold_queue))
     metrics.watch_pool(registry.all, lambda: router.admission.waiting)
-    supervisor = supervise(registry, secret)
+    loop_lag = LoopLag(metrics.loop_lag.observe)
+    loop_lag.start()
+    supervisor = supervise(registry, secret, bindings)
     server, port = await start_grpc(router, config.router.host, config.router.port, security)
-    http_server, http_port = await start_http(router, config.router.host, config.router.http_port, security)
+    http_server, http_port = await start_http(router, r.host, r.http_port, security, r.max_body_bytes)
     metrics_server, metrics_port = serve_metrics(metrics, config.router.host, config.router.metrics_port)
-    return Deployment(router, supervisor, server, port, metrics_server, metrics_port, http_server, http_port)
+    return Deployment(router, supervisor, server, port, metrics_server, metrics_port, http_server, http_port,
+                      loop_lag)
 
 
 def load_predictor(head_file: str | None) -> TextPredictor | None:

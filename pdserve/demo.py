@@ -38,8 +38,7 @@ async def run_demo(config: ServeConfig, max_tokens: int = 96) -> int:
         router=dataclasses.replace(config.router, port=0, http_port=0, metrics_port=0),
     )
     started = time.monotonic()
-    w = config.workers
-    layout = f"{w.prefill_instances}P{w.decode_instances}D" if w.mode == "disaggregated" else f"{w.instances} colocated"
+    layout = config.workers.layout()
     _print(f"starting {layout} instance(s) of {config.engine.model} ...\n")
     deployment = await deploy(config)
     _print(f"ready in {time.monotonic() - started:.1f} s, serving gRPC on {deployment.target}\n")

@@ -18,15 +18,17 @@ from ray.exceptions import ActorDiedError, RayError
 
 from router.channel import WorkerChannel
 from router.registry import Instance, Registry
+from worker.binding import Binding
 
 log = logging.getLogger(__name__)
 
 
 class Supervisor:
-    def __init__(self, registry: Registry, secret: str, interval_s: float = 1.0, timeout_s: float = 10.0,
-                 start_timeout_s: float = 600.0) -> None:
+    def __init__(self, registry: Registry, secret: str, bindings: dict[str, Binding], interval_s: float = 1.0,
+                 timeout_s: float = 10.0, start_timeout_s: float = 600.0) -> None:
         self._registry = registry
         self._secret = secret
+        self._bindings = bindings  # by instance id: the cores it was started on (a restart starts on them again)
         self._interval_s = interval_s
         self._timeout_s = timeout_s
         self._start_timeout_s = start_timeout_s
@@ -74,7 +76,7 @@ class Supervisor:
     async def _rejoin(self, instance: Instance) -> None:
         try:
             async with asyncio.timeout(self._start_timeout_s):
-                info = await instance.handle.start.remote()
+                info = await instance.handle.start.remote(self._bindings.get(instance.instance_id))
         except ActorDiedError:
             log.error("%s died and will not be restarted: it stays out of the pool", instance.instance_id)
             self._gone.add(instance.instance_id)
@@ -96,8 +98,8 @@ class Supervisor:
             self._changed.notify_all()
 
 
-def supervise(registry: Registry, secret: str, **options: Any) -> Supervisor:
+def supervise(registry: Registry, secret: str, bindings: dict[str, Binding], **options: Any) -> Supervisor:
     """A running supervisor over `registry` (call from the router's event loop)."""
-    supervisor = Supervisor(registry, secret, **options)
+    supervisor = Supervisor(registry, secret, bindings, **options)
     supervisor.start()
     return supervisor

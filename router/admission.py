@@ -1,4 +1,5 @@
-"""Admission: hold requests no instance can take now in a bounded FIFO queue. Pure, no clock of its own.
+"""Admission: hold requests no instance can take now in a bounded FIFO queue. `BoundedQueue` and `Gate` are
+pure, with no clock of their own; `admitted` is the asyncio wait around a `Gate`.
 
 `BoundedQueue`: `offer` holds an item or raises `Overloaded` (RESOURCE_EXHAUSTED) once `capacity` items wait;
 `drain(try_place)` places held items in arrival order and stops at the first one that still does not fit
@@ -14,15 +15,21 @@ arrival order; one more is refused with `Overloaded`, whose retry hint grows wit
     enter -> waiting -> withdrawn        (its client went away or its deadline passed first)
     enter -> refused (Overloaded)        (the queue was full)
     running -> `leave` (exactly once, on every exit path)
+
+`admitted(gate, deadline)`: that machine for one request as an async context manager: it runs the body in a
+slot, waiting in the queue first (until `deadline`: `DeadlineExceeded`) when none is free, and leaves exactly
+once whichever way the body or the wait ends.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections import deque
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Generic, TypeVar
 
-from common.errors import Overloaded
+from common.errors import DeadlineExceeded, Overloaded
 
 T = TypeVar("T")
 
@@ -115,3 +122,30 @@ class Gate(Generic[T]):
         if successor is None:
             self.running -= 1
         return successor
+
+
+@contextlib.asynccontextmanager
+async def admitted(gate: Gate[asyncio.Future[None]], deadline: float | None) -> AsyncIterator[None]:
+    """Holds one of the gate's slots while the body runs; waits in its queue (until `deadline`, on the monotonic
+    clock; None: no deadline) first when none is free."""
+    waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    if not gate.enter(waiter):  # Overloaded when the queue is full
+        try:
+            async with asyncio.timeout_at(deadline):
+                await waiter
+        except BaseException as e:
+            if not gate.withdraw(waiter):  # the slot was handed over as the wait ended: pass it on
+                _pass_on(gate.leave())
+            if isinstance(e, TimeoutError):
+                raise DeadlineExceeded("the request's deadline passed while it waited for admission") from None
+            raise
+    try:
+        yield
+    finally:
+        _pass_on(gate.leave())
+
+
+def _pass_on(successor: asyncio.Future[None] | None) -> None:
+    # A waiter cancelled a moment ago is done already; it sees the slot was handed over and passes it on.
+    if successor is not None and not successor.done():
+        successor.set_result(None)

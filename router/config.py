@@ -63,8 +63,10 @@ class RouterConfig:
     predictor: str | None = None
     # Requests a length-aware policy finds no KV room for wait for a request to end, up to this many at once.
     hold_queue: int = 256
-    max_tokens_limit: int = 1024
-    default_max_tokens: int = 128
+    max_tokens_limit: int = 1024  # the largest max_tokens a request may ask for
+    default_max_tokens: int = 128  # a request's max_tokens when it names none
+    max_prompt_bytes: int = 4 << 20  # a prompt's text (all chat messages together) over this is refused at once
+    max_body_bytes: int = 8 << 20  # an HTTP body over this gets 413 before it is read
     # Admission: at most `max_outstanding` requests run at once (0: no limit), `admission_queue` more wait for a
     # slot; one more is refused (RESOURCE_EXHAUSTED / 429) with a retry hint of about `retry_after_s`.
     max_outstanding: int = 0
@@ -77,6 +79,9 @@ class RouterConfig:
         for name in ("port", "http_port", "metrics_port"):
             if not 0 <= getattr(self, name) <= 65535:
                 raise ValueError(f"router.{name} must be in [0, 65535], got {getattr(self, name)}")
+        for name in ("max_prompt_bytes", "max_body_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"router.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("max_outstanding", "admission_queue", "hold_queue"):
             if getattr(self, name) < 0:
                 raise ValueError(f"router.{name} must be >= 0, got {getattr(self, name)}")
@@ -84,13 +89,13 @@ class RouterConfig:
             raise ValueError(f"router.retry_after_s must be > 0 seconds, got {self.retry_after_s}")
         if self.max_tokens_limit < 1:
             raise ValueError(f"router.max_tokens_limit must be >= 1, got {self.max_tokens_limit}")
-        from router.policy import POLICIES, PREFILL_POLICIES
+        from common.roles import Role
+        from router.placement.registry import policy_names
 
-        if self.policy not in POLICIES:
-            raise ValueError(f"router.policy must be one of {sorted(POLICIES)}, got {self.policy!r}")
-        if self.prefill_policy not in PREFILL_POLICIES:
-            raise ValueError(f"router.prefill_policy must be one of {sorted(PREFILL_POLICIES)}, got "
-                             f"{self.prefill_policy!r}")
+        if self.policy not in (decode := policy_names(Role.DECODE)):
+            raise ValueError(f"router.policy must be one of {decode}, got {self.policy!r}")
+        if self.prefill_policy not in (prefill := policy_names(Role.PREFILL)):
+            raise ValueError(f"router.prefill_policy must be one of {prefill}, got {self.prefill_policy!r}")
         if self.predictor is not None and not Path(self.predictor).is_file():
             raise ValueError(f"router.predictor: no head file at {self.predictor!r}; train one with "
                              "`pdserve predictor train`, or leave it null")

@@ -227,6 +227,66 @@ async def _unexpected(http: fastapi.Request, exc: Exception) -> JSONResponse:
     return JSONResponse(error_body("internal server error", "server_error", "internal"), 500)
 
 
+MAX_BODY_BYTES = 8 << 20  # a request body larger than this gets 413 before any of it is parsed
+
+
+class _LimitBody:
+    """ASGI middleware: a body over `limit` bytes gets 413, by its Content-Length before anything is read, or, for
+    a body of no declared length (chunked), as soon as its bytes pass the limit; such a body is read here first and
+    handed to the app whole, so nothing holds more than `limit` bytes of one body."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self._app = app
+        self._limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None:
+            if declared.isdigit() and int(declared) > self._limit:
+                await self._refuse(scope, receive, send)
+            else:  # the server reads exactly the declared length
+                await self._app(scope, receive, send)
+            return
+        body = await self._read(receive)
+        if body is None:
+            await self._refuse(scope, receive, send)
+            return
+        replayed = False
+
+        async def replay() -> Any:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # after the body: the disconnect
+
+        await self._app(scope, replay, send)
+
+    async def _read(self, receive: Receive) -> bytes | None:
+        """The whole body, or None once it passes the limit."""
+        parts: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return b"".join(parts)
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self._limit:
+                return None
+            parts.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(parts)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        body = error_body(f"the request body is larger than {self._limit} bytes", "invalid_request_error",
+                          "body_too_large")
+        await JSONResponse(body, 413, {"Connection": "close"})(scope, receive, send)
+
+
 class _RequireToken:
     """ASGI middleware: every HTTP request but `/health` (probes) must carry the bearer token; others get 401."""
 
@@ -246,10 +306,11 @@ class _RequireToken:
         await self._app(scope, receive, send)
 
 
-def build_app(router: Router, token: str | None = None) -> fastapi.FastAPI:
+def build_app(router: Router, token: str | None = None, max_body_bytes: int = MAX_BODY_BYTES) -> fastapi.FastAPI:
     app = fastapi.FastAPI(title="pdserve", version=__version__, docs_url=None, redoc_url=None)
     if token is not None:
         app.add_middleware(_RequireToken, token=token)
+    app.add_middleware(_LimitBody, limit=max_body_bytes)  # added last: it runs first, before the token check
     api = _Api(router)
     app.add_api_route("/v1/completions", api.completions, methods=["POST"])
     app.add_api_route("/v1/chat/completions", api.chat_completions, methods=["POST"])
@@ -302,13 +363,13 @@ KEEP_ALIVE_S = 75
 
 
 async def start_http(
-    router: Router, host: str, port: int, security: Security | None = None
+    router: Router, host: str, port: int, security: Security | None = None, max_body_bytes: int = MAX_BODY_BYTES
 ) -> tuple[HttpServer, int]:
     """Starts the frontend on the running loop; returns the server and the port it bound (0 picks a free one)."""
     security = security or Security()
     # Bound and listening before uvicorn starts, so the port is known and early clients wait in the backlog.
     sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
-    app = build_app(router, security.token)
+    app = build_app(router, security.token, max_body_bytes)
     config = uvicorn.Config(app, lifespan="off", log_config=None, access_log=False, ws="none",
                             timeout_keep_alive=KEEP_ALIVE_S, **_tls_options(security.tls))
     server = _Server(config)

@@ -21,6 +21,7 @@ from router.timings import PhaseTimings
 # Latencies of a CPU-served small model span milliseconds to minutes.
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
+_LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 _RELATIVE_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10)
 _PHASES = ("router_queue", "prefill_queue", "prefill_compute", "kv_transfer", "decode_queue",
            "first_decode_step", "decode")
@@ -51,6 +52,12 @@ class RouterMetrics:
                                 registry=r)
         self.kv_transfers = Counter("pdserve_kv_transfers", "KV transfers that ended, by result (ok, failed: the "
                                     "decode instance recomputed the prompt)", ["result"], registry=r)
+        self.kv_failures = Counter("pdserve_kv_transfer_failures", "KV transfers that could not start (the prefill "
+                                   "could not reach the decode instance, which prefilled the prompt itself), by "
+                                   "reason", ["reason"], registry=r)
+        self.loop_lag = Histogram("pdserve_event_loop_lag_seconds", "How late the router's event loop woke a "
+                                  "timer (sampled every 0.1 s): what every stream it serves waited extra",
+                                  buckets=_LAG_BUCKETS, registry=r)
         self.resumed = Counter("pdserve_requests_resumed", "Times a request moved to another instance after its "
                                "worker was lost", registry=r)
         self.running = Gauge("pdserve_requests_running", "Requests placed on an instance and not ended",
@@ -89,6 +96,10 @@ class RouterMetrics:
     def transferred(self, nbytes: int, ok: bool) -> None:
         self.kv_transfers.labels("ok" if ok else "failed").inc()
         self.kv_bytes.inc(nbytes)
+
+    def kv_transfer_failed(self, reason: str) -> None:
+        """A prefill reported that its KV will not reach the decode instance (`router.kv_fallback`)."""
+        self.kv_failures.labels(reason).inc()
 
     def ended_early(self, outcome: str) -> None:
         """A request that did not finish: a gRPC status name, or "cancelled" when the client went away."""

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from common.results import EngineInfo, EngineStats
-from router.instance import InstanceSnapshot, RequestLoad
+from router.placement import InstanceSnapshot, Placement, Policy, RequestLoad, needs_detail
 from router.predictor.prediction import LengthPrediction, remaining
 
 
@@ -77,6 +77,15 @@ class Registry:
 
     def get(self, instance_id: str) -> Instance:
         return self._by_id[instance_id]
+
+    def pick(self, policy: Policy, role: str, placement: Placement | None = None) -> Instance:
+        """The instance `policy` picks among those of `role`, from snapshots as detailed as the policy needs; the
+        policy's `NoInstance` or `Overloaded` passes through."""
+        return self.get(policy.pick(self.snapshots(role, needs_detail(policy)), placement))
+
+    def placeable(self, role: str) -> list[Instance]:
+        """The instances of `role` a policy may pick: healthy and not draining."""
+        return [i for i in self._by_id.values() if i.role == role and i.healthy and not i.draining]
 
     def all(self) -> list[Instance]:
         return list(self._by_id.values())

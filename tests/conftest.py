@@ -95,7 +95,7 @@ def _ray_shuts_down_cleanly() -> Iterator[None]:
 @pytest.fixture(scope="session")
 def deployment(tiny_model: Path) -> Iterator[Any]:
     """Two colocated instances of the tiny model behind the gRPC frontend."""
-    dep = start_deployment(tiny_model, {"mode": "colocated", "instances": 2})
+    dep = start_deployment(tiny_model, {"mode": "colocated", "colocated": {"instances": 2}})
     yield dep
     stop_deployment(dep)
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 import contextlib
 import os
 
-ACTOR_CPUS_ENV = "PDSERVE_ACTOR_CPUS"  # set by the cluster on each worker actor: cores no engine is bound to
-
 
 def parse_cores(text: str) -> set[int]:
     """"1,3" -> {1, 3}; an empty text is no cores."""

@@ -54,8 +54,8 @@ class ChannelServer:
         self._calls: set[asyncio.Task[None]] = set()
         self.connections = 0  # accepted so far
 
-    async def start(self, host: str) -> str:
-        self._server = await asyncio.start_server(self._handle, host, 0)
+    async def start(self, host: str, port: int = 0) -> str:
+        self._server = await asyncio.start_server(self._handle, host, port)
         return f"{host}:{self._server.sockets[0].getsockname()[1]}"
 
     async def stop(self, grace: float | None = None) -> None:
@@ -133,7 +133,7 @@ class ChannelServer:
                 await writer.drain()
 
 
-async def serve(handlers: dict[str, Handler], host: str, secret: str) -> tuple[ChannelServer, str]:
-    """Serves `handlers` on `host`, a free port; returns the server and its address."""
+async def serve(handlers: dict[str, Handler], host: str, secret: str, port: int = 0) -> tuple[ChannelServer, str]:
+    """Serves `handlers` on `host`:`port` (0: a free one); returns the server and its address."""
     server = ChannelServer(handlers, secret)
-    return server, await server.start(host)
+    return server, await server.start(host, port)

@@ -11,17 +11,17 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 class EngineConfig:
     """One vLLM engine. `model` is a model folder path or the name of a model `pdserve model prepare` makes."""
 
-    model: str = DEFAULT_MODEL
-    max_model_len: int = 2048
-    max_num_seqs: int = 32
-    max_num_batched_tokens: int = 2048
-    kv_cache_gib: float = 1.0
-    dtype: str = "float32"
-    block_size: int = 128
-    seed: int = 0
+    model: str = DEFAULT_MODEL  # a model folder, or the built-in SmolLM2-135M-Instruct
+    max_model_len: int = 2048  # prompt plus output tokens of one request
+    max_num_seqs: int = 32  # requests one engine step runs at most
+    max_num_batched_tokens: int = 2048  # tokens one engine step computes at most
+    kv_cache_gib: float = 1.0  # KV cache of one engine
+    dtype: str = "float32"  # float32, bfloat16 or float16 (float32 is faster on AVX2 CPUs)
+    block_size: int = 128  # tokens per KV block
+    seed: int = 0  # the engine's sampling seed
     # torch.compile the model. On a 2-core AVX2 machine it did not speed up SmolLM2's decode steps (about
     # 100 ms either way) while a first start compiled for about 4 minutes, so it is off by default.
-    compile: bool = False
+    compile: bool = False  # torch.compile the model (see above)
     log_level: str = "WARNING"  # vLLM's own logging inside the workers
 
     def __post_init__(self) -> None:

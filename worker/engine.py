@@ -150,7 +150,8 @@ class Engine:
         return {} if self._kv is None else dict(await self.control("pdkv_state"))
 
     def transfer_record(self, kind: str, transfer_id: str) -> dict[str, Any] | None:
-        """The connector's record of a finished transfer ("sent" or "recv"), once its report arrived."""
+        """The connector's record of a transfer, once its report arrived: "dial" (whether a prefill's link came up),
+        "sent" (a prefill's send done) or "recv" (a decode's load done)."""
         return self._transfers.get(f"{kind}:{transfer_id}")
 
     async def wait_transfer_record(self, kind: str, transfer_id: str, timeout: float) -> dict[str, Any]:

@@ -17,15 +17,18 @@ import ray
 
 from common.results import EngineInfo, EngineStats
 from kv_transfer.transport import SECRET_ENV
-from worker.affinity import ACTOR_CPUS_ENV, bind_process, parse_cores
+from worker.affinity import bind_process
+from worker.binding import Binding
 from worker.channel_server import ChannelServer, Handler, serve
 from worker.config import EngineConfig
 from worker.engine import Engine, KVRole
 
 
 class EngineHost:
-    def __init__(self, instance_id: str, config: EngineConfig, model_dir: str, kv: KVRole | None = None) -> None:
+    def __init__(self, instance_id: str, config: EngineConfig, model_dir: str, kv: KVRole | None = None,
+                 channel_port: int = 0) -> None:
         self.instance_id = instance_id
+        self._channel_port = channel_port  # 0: any free port
         self._config = config
         self._model_dir = Path(model_dir)
         self._kv = kv
@@ -39,23 +42,33 @@ class EngineHost:
     async def _started(self, engine: Engine) -> None:
         """The role's own start, once the engine runs (a decode worker learns its KV receive address)."""
 
-    async def start(self) -> EngineInfo:
-        """Builds the engine and opens the request channel; called before any request, and again by the
-        supervisor after Ray restarted the actor (a no-op on a running one)."""
+    async def node(self) -> tuple[str, int]:
+        """Where Ray placed this actor: its node's id and core count (for `worker.binding.bind_node`)."""
+        return ray.get_runtime_context().get_node_id(), os.cpu_count() or 1
+
+    async def start(self, binding: Binding | None = None) -> EngineInfo:
+        """Builds the engine (its threads on `binding`'s engine cores, when given) and opens the request channel;
+        called before any request, and again by the supervisor after Ray restarted the actor (a no-op on a running
+        one)."""
         if self._engine is None:
+            if binding is not None:  # the engine's processes, started below, read it
+                os.environ["VLLM_CPU_OMP_THREADS_BIND"] = binding.omp_bind()
             kv = self._kv
-            if kv is not None:  # every start is a new incarnation: its KV links fence the older ones out
-                epoch = time.time_ns() // 1_000_000
-                kv = dataclasses.replace(kv, settings=dataclasses.replace(kv.settings, epoch=epoch))
+            if kv is not None:
+                # Every start is a new incarnation: its KV links fence the older ones out. The connector runs in
+                # the engine's own process: it learns here on which node, at which address, the actor runs.
+                kv = dataclasses.replace(kv, settings=dataclasses.replace(
+                    kv.settings, epoch=time.time_ns() // 1_000_000, node_id=ray.get_runtime_context().get_node_id(),
+                    node_ip=ray.util.get_node_ip_address()))
             engine = Engine(self._config, self._model_dir, kv)
             await self._started(engine)
             self._server, address = await serve(self.handlers(), ray.util.get_node_ip_address(),
-                                                os.environ[SECRET_ENV])
+                                                os.environ[SECRET_ENV], self._channel_port)
             engine.info = dataclasses.replace(engine.info, request_address=address)
             self._engine = engine
             # Bound only now: the engine's processes, started above, must not inherit these cores.
-            if os.environ.get(ACTOR_CPUS_ENV):
-                bind_process(parse_cores(os.environ[ACTOR_CPUS_ENV]))
+            if binding is not None and binding.spare_cores:
+                bind_process(set(binding.spare_cores))
         return self._engine.info
 
     def _ready(self) -> Engine:

@@ -18,6 +18,7 @@ class PhaseTimings:
     decode: float = 0.0
     time_to_first_token: float = 0.0
     end_to_end: float = 0.0
+    kv_transfer_failure: str = ""  # why the KV did not reach the decode instance (it prefilled itself); "": it did
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ LONG = 500  # tokens of a request that streams for a while
 def dep(tiny_model):
     d = start_deployment(
         tiny_model,
-        {"mode": "disaggregated", "prefill_instances": 1, "decode_instances": 2},
+        {"mode": "disaggregated", "prefill": {"instances": 1}, "decode": {"instances": 2}},
         engine={"model": str(tiny_model), **TINY_ENGINE, "max_model_len": 2048, "max_num_batched_tokens": 2048},
         router={"max_outstanding": 2, "admission_queue": 0, "retry_after_s": RETRY_AFTER_S},
         transfer={"transport": "tcp", "receive_buffer_mib": 1},

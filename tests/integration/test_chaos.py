@@ -32,7 +32,8 @@ TOKENS = 120
 
 @pytest.fixture(scope="module")
 def deployment(tiny_model):
-    dep = start_deployment(tiny_model, {"mode": "disaggregated", "prefill_instances": 1, "decode_instances": 2},
+    one_p_two_d = {"mode": "disaggregated", "prefill": {"instances": 1}, "decode": {"instances": 2}}
+    dep = start_deployment(tiny_model, one_p_two_d,
                            router={"policy": "round_robin"},
                            # Injected stalls wait out the transfer deadline, so it is short here.
                            transfer={"transport": "tcp", "fault_every": 5, "deadline_s": 3.0})

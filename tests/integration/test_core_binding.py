@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 import ray
 
-from pdserve.config import WorkersConfig
 from pdserve_client import Client
 from tests.conftest import start_deployment, stop_deployment
+from worker.binding import bind_node
 
 pytestmark = pytest.mark.integration
 
-WORKERS = {"mode": "colocated", "instances": 1}
+WORKERS = {"mode": "colocated", "colocated": {"instances": 1}}
 
 
 def thread_cores(pid: int) -> dict[int, set[int]]:
@@ -38,7 +38,7 @@ def test_the_actors_own_threads_stay_off_its_engines_core(tiny_model: Path) -> N
         instance = dep.router.registry.all()[0]
         pid = ray.get(instance.handle.pid.remote())
         node = os.cpu_count() or 1
-        spare = set(WorkersConfig(**WORKERS).spare_cores(node)) or os.sched_getaffinity(0)
+        spare = set(bind_node([1], node)[0].spare_cores) or os.sched_getaffinity(0)
         threads = thread_cores(pid)
         assert len(threads) > 10  # Ray's, gRPC's and the engine client's threads
         assert all(cores == spare for cores in threads.values()), threads

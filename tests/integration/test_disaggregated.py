@@ -1,9 +1,10 @@
 """Disaggregated serving of the tiny model: prefill and decode pools, KV streamed between them, exactly.
 
 Each layout is one deployment for the whole module: 1P1D over the tcp transport, with conditional
-disaggregation (a 1-token prompt runs whole on the decode instance), and 2P2D over shm, where every prompt is
-disaggregated. Every test checks behaviour a client sees (tokens, finish reasons, timings) or what the engines
-report (free KV blocks, receive buffers).
+disaggregation (a 1-token prompt runs whole on the decode instance), and 2P2D with the default transport, auto
+(shared memory here, every worker being on this one node), where every prompt is disaggregated. Every test
+checks behaviour a client sees (tokens, finish reasons, timings) or what the engines report (free KV blocks,
+receive buffers).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from tests.integration.conftest import LENGTHS, MAX_TOKENS, assert_nothing_held,
 
 pytestmark = pytest.mark.integration
 
-LAYOUTS = {"1P1D-tcp": (1, 1, "tcp", 2), "2P2D-shm": (2, 2, "shm", 0)}  # ..., min_prompt_tokens
+LAYOUTS = {"1P1D-tcp": (1, 1, "tcp", 2), "2P2D-auto": (2, 2, "auto", 0)}  # ..., min_prompt_tokens
 
 
 @pytest.fixture(scope="module", params=list(LAYOUTS))
@@ -28,7 +29,7 @@ def disagg(request, tiny_model):
     prefill, decode, transport, min_prompt = LAYOUTS[request.param]
     dep = start_deployment(
         tiny_model,
-        {"mode": "disaggregated", "prefill_instances": prefill, "decode_instances": decode},
+        {"mode": "disaggregated", "prefill": {"instances": prefill}, "decode": {"instances": decode}},
         router={"policy": "round_robin"},
         transfer={"transport": transport, "min_prompt_tokens": min_prompt},
     )

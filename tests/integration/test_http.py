@@ -7,6 +7,7 @@ or while it waits for a whole response, stops its request in the engines.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import time
@@ -242,3 +243,48 @@ def test_every_serving_error_has_its_http_status(error, status, code):
     assert json.loads(reply.body)["error"] | {"type": None} == {"message": "x", "type": None, "param": None,
                                                                 "code": code}
     assert reply.headers.get("retry-after") == ("3" if status == 429 else None)
+
+
+def _raw_post(port: int, head: bytes, body: bytes) -> tuple[int, dict]:
+    """Sends a request's head and as much of `body` as the server reads; its status and JSON body."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(head)
+        with contextlib.suppress(OSError):  # the server may answer and close before it has read everything
+            sock.sendall(body)
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    status_line, _, rest = reply.partition(b"\r\n")
+    return int(status_line.split()[1]), json.loads(rest.partition(b"\r\n\r\n")[2])
+
+
+def test_a_body_over_the_limit_is_413_by_its_length_or_as_it_streams(deployment):
+    from router.http_server import MAX_BODY_BYTES
+
+    big = b"x" * (MAX_BODY_BYTES + 1)
+    head = (f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(big)}\r\nConnection: close\r\n\r\n").encode()
+    status, body = _raw_post(deployment.http_port, head, big)
+    assert status == 413 and body["error"]["code"] == "body_too_large"
+    chunked = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+               b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n")
+    pieces = b"".join(b"%x\r\n%s\r\n" % (1 << 20, b"x" * (1 << 20)) for _ in range(9)) + b"0\r\n\r\n"
+    status, body = _raw_post(deployment.http_port, chunked, pieces)
+    assert status == 413 and body["error"]["code"] == "body_too_large"
+
+
+def test_health_answers_while_32_streams_run(deployment, base_url):
+    with Client(deployment.target) as client:
+        streams = [client.generate([11 + i, 12, 13], max_tokens=400, temperature=0.0, ignore_eos=True)
+                   for i in range(32)]
+        try:
+            firsts = [next(iter(s)) for s in streams]  # every stream has begun
+            assert all(f.final is None for f in firsts)
+            with urllib.request.urlopen(f"{base_url}/health", timeout=30) as reply:
+                assert reply.status == 200 and json.loads(reply.read())["status"] == "ok"
+            assert all(next(iter(s)).final is None for s in streams)  # none had ended when health answered
+        finally:
+            for s in streams:
+                s.cancel()

@@ -18,7 +18,7 @@ import pytest
 
 from pdserve_client import Client
 from pdserve_client.errors import ResourceExhausted
-from router.policy import make_policy
+from router.placement import make_policy
 from router.predictor.prediction import FixedPrediction
 from tests.conftest import TINY_ENGINE, start_deployment, stop_deployment
 from tests.integration.test_prometheus import scraped_now
@@ -35,7 +35,7 @@ def dep(tiny_model):
     kv_bytes = BLOCKS * 128 * 1024  # 128-token blocks of 2 layers x 1 KV head x 64 dims x (K, V) x 4 bytes
     d = start_deployment(
         tiny_model,
-        {"mode": "colocated", "instances": 1},
+        {"mode": "colocated", "colocated": {"instances": 1}},
         engine={"model": str(tiny_model), **TINY_ENGINE, "kv_cache_gib": (kv_bytes + 512) / 2**30},
         router={"policy": "projected_kv", "hold_queue": 1, "max_tokens_limit": MAX_TOKENS},
     )

@@ -39,6 +39,7 @@ pytestmark = pytest.mark.integration
 
 DEPLOY_RAY = Path(__file__).resolve().parents[2] / "deploy" / "ray"
 ENTRYPOINT = "pdserve serve --config config.yaml"  # as deploy/ray/README.md submits it
+API_TOKEN_ENV, API_TOKEN = "PDSERVE_API_TOKEN", secrets.token_hex(16)
 
 
 @dataclass
@@ -85,6 +86,8 @@ def ray_head() -> Iterator[RayHead]:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     # A token of this cluster's own, in its processes' environment: the user's ~/.ray/auth_token is left alone.
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
+    # The router's bearer token (the shipped config's `router.auth.token_env`): the job inherits the head's env.
+    env[API_TOKEN_ENV] = API_TOKEN
     # The job's entrypoint runs `pdserve` from the PATH of the head's processes.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     command = [
@@ -95,6 +98,8 @@ def ray_head() -> Iterator[RayHead]:
         "--disable-usage-stats",
         f"--port={gcs_port}",
         "--num-cpus=2",
+        # One node of both pools: the shipped config places each pool by its custom resource.
+        '--resources={"pdserve-prefill": 1, "pdserve-decode": 1}',
         f"--temp-dir={temp_dir}",
         "--include-dashboard=true",
         "--dashboard-host=127.0.0.1",
@@ -127,11 +132,10 @@ def ray_head() -> Iterator[RayHead]:
 
 
 def job_config(folder: Path, tiny_model: Path) -> None:
-    """deploy/ray/config.yaml with the tiny model, one instance and free ports on loopback."""
+    """deploy/ray/config.yaml with the tiny model and free ports on loopback."""
     config = yaml.safe_load((DEPLOY_RAY / "config.yaml").read_text())
     assert config["ray"]["address"] == "auto"
     config["engine"] = {**config["engine"], "model": str(tiny_model), **TINY_ENGINE}
-    config["workers"]["instances"] = 1
     config["router"].update(host="127.0.0.1", port=0, http_port=0, metrics_port=0)
     (folder / "config.yaml").write_text(yaml.safe_dump(config))
 
@@ -150,7 +154,9 @@ def test_shipped_job_config_joins_the_cluster_and_listens_on_every_interface():
 
     config = load_config(DEPLOY_RAY / "config.yaml")
     assert config.ray.address == "auto" and config.ray.num_cpus is None
-    assert config.router.host == "0.0.0.0" and config.workers.mode == "colocated"
+    assert config.router.host == "0.0.0.0" and config.workers.mode == "disaggregated"
+    assert config.router.auth.token_env == API_TOKEN_ENV and config.router.max_outstanding > 0
+    assert config.workers.prefill.resources and config.workers.decode.resources
     env = yaml.safe_load((DEPLOY_RAY / "runtime_env.yaml").read_text())
     assert set(env) == {"env_vars"} and int(env["env_vars"]["RAY_JOB_STOP_WAIT_TIME_S"]) >= 30
 
@@ -172,14 +178,15 @@ def test_pdserve_runs_as_a_ray_job_and_stops_cleanly(ray_head, tiny_model, tmp_p
 
     port = poll(serving_port, "the router to announce its gRPC port in the job's logs", timeout=420)
     assert jobs.get_job_status(job_id) == JobStatus.RUNNING
-    with Client(f"127.0.0.1:{port}") as client:
+    with Client(f"127.0.0.1:{port}", token=API_TOKEN) as client:
         done = client.complete([31, 32, 33, 34, 35], max_tokens=4, temperature=0.0, ignore_eos=True, timeout=120)
     assert done.final.finish_reason == "length" and len(done.token_ids) == 4
 
     # The driver's Ray job id names the actors the job created; its engine instance among them.
     driver_job = jobs.get_job_info(job_id).driver_info.id
     actors = list_actors(ray_head, [("job_id", "=", driver_job)])
-    assert [a.state for a in actors if a.name.startswith("colocated-0@")] == ["ALIVE"], actors
+    for pool in ("prefill", "decode"):
+        assert [a.state for a in actors if a.name.startswith(f"{pool}-0@")] == ["ALIVE"], actors
 
     assert jobs.stop_job(job_id)
     poll(lambda: jobs.get_job_status(job_id) == JobStatus.STOPPED, "the job to stop", timeout=120)
@@ -191,8 +198,9 @@ def test_pdserve_runs_as_a_ray_job_and_stops_cleanly(ray_head, tiny_model, tmp_p
         return actors if actors and all(a.state == "DEAD" for a in actors) else None
 
     actors = poll(job_actors_dead, "every actor of the job to be dead", timeout=60)
-    (instance,) = [a for a in actors if a.name.startswith("colocated-0@")]
-    # Killed by the router's orderly stop, not reaped because its owner (the driver) died.
-    assert "ray.kill" in str(instance.death_cause), instance.death_cause
+    instances = [a for a in actors if a.name.startswith(("prefill-0@", "decode-0@"))]
+    assert len(instances) == 2, actors
+    for instance in instances:  # killed by the router's orderly stop, not reaped because the driver died
+        assert "ray.kill" in str(instance.death_cause), instance.death_cause
     alive = list_actors(ray_head, [("state", "=", "ALIVE")])
     assert alive == [], alive

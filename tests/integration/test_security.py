@@ -52,7 +52,8 @@ def secured(tiny_model, pki):
             "client_ca_file": str(pki["ca"]),
         }
         dep = start_deployment(
-            tiny_model, {"mode": "colocated", "instances": 1}, router={"tls": tls, "auth": {"token_env": TOKEN_ENV}}
+            tiny_model, {"mode": "colocated", "colocated": {"instances": 1}},
+            router={"tls": tls, "auth": {"token_env": TOKEN_ENV}},
         )
     finally:
         del os.environ[TOKEN_ENV]  # read once, at start

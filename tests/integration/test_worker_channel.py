@@ -15,9 +15,9 @@ import socket
 import pytest
 import ray
 
+from common.channel import LENGTH
 from pdserve_client import Client
 from tests.conftest import start_deployment, stop_deployment
-from worker.channel_server import LENGTH
 
 pytestmark = pytest.mark.integration
 
@@ -26,7 +26,7 @@ PROMPT, TOKENS = [11, 12, 13, 14, 15], 300
 
 @pytest.fixture(scope="module")
 def deployment(tiny_model):
-    dep = start_deployment(tiny_model, {"mode": "colocated", "instances": 2})
+    dep = start_deployment(tiny_model, {"mode": "colocated", "colocated": {"instances": 2}})
     yield dep
     stop_deployment(dep)
 

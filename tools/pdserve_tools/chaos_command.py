@@ -19,7 +19,7 @@ from typing import Any
 
 from pdserve.config import ServeConfig, config_from_dict, load_config
 
-ONE_P_TWO_D = {"mode": "disaggregated", "prefill_instances": 1, "decode_instances": 2}
+ONE_P_TWO_D = {"mode": "disaggregated", "prefill": {"instances": 1}, "decode": {"instances": 2}}
 TINY_ENGINE = {"max_model_len": 1024, "max_num_seqs": 16, "max_num_batched_tokens": 1024, "kv_cache_gib": 0.25}
 
 

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18pdserve/v1/pdserve.proto\x12\npdserve.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"1\n\x04\x43hat\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.pdserve.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xd2\x01\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\rH\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x03\x88\x01\x01\x12\x12\n\nignore_eos\x18\x06 \x01(\x08\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\rB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seed\"\xeb\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12 \n\x04\x63hat\x18\x03 \x01(\x0b\x32\x10.pdserve.v1.ChatH\x00\x12\x30\n\x10prompt_token_ids\x18\x04 \x01(\x0b\x32\x14.pdserve.v1.TokenIdsH\x00\x12,\n\x08sampling\x18\x05 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x18\n\x10resume_token_ids\x18\x07 \x03(\rB\x07\n\x05input\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\xdb\x01\n\x0cPhaseTimings\x12\x14\n\x0crouter_queue\x18\x01 \x01(\x01\x12\x15\n\rprefill_queue\x18\x02 \x01(\x01\x12\x17\n\x0fprefill_compute\x18\x03 \x01(\x01\x12\x13\n\x0bkv_transfer\x18\x04 \x01(\x01\x12\x14\n\x0c\x64\x65\x63ode_queue\x18\x05 \x01(\x01\x12\x19\n\x11\x66irst_decode_step\x18\x06 \x01(\x01\x12\x0e\n\x06\x64\x65\x63ode\x18\x07 \x01(\x01\x12\x1b\n\x13time_to_first_token\x18\x08 \x01(\x01\x12\x12\n\nend_to_end\x18\t \x01(\x01\"\xb8\x01\n\x05\x46inal\x12/\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x18.pdserve.v1.FinishReason\x12 \n\x05usage\x18\x02 \x01(\x0b\x32\x11.pdserve.v1.Usage\x12)\n\x07timings\x18\x03 \x01(\x0b\x32\x18.pdserve.v1.PhaseTimings\x12\x18\n\x10prefill_instance\x18\x04 \x01(\t\x12\x17\n\x0f\x64\x65\x63ode_instance\x18\x05 \x01(\t\"i\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12 \n\x05\x66inal\x18\x04 \x01(\x0b\x32\x11.pdserve.v1.Final\"\x16\n\x14GetServerInfoRequest\"\xa8\x01\n\nServerInfo\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0c\n\x04mode\x18\x02 \x01(\t\x12\x15\n\rdefault_model\x18\x03 \x01(\t\x12\x15\n\rmax_model_len\x18\x04 \x01(\r\x12\x18\n\x10max_tokens_limit\x18\x05 \x01(\r\x12\x19\n\x11prefill_instances\x18\x06 \x01(\r\x12\x18\n\x10\x64\x65\x63ode_instances\x18\x07 \x01(\r\"\x13\n\x11ListModelsRequest\"*\n\x05Model\x12\n\n\x02id\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\"7\n\x12ListModelsResponse\x12!\n\x06models\x18\x01 \x03(\x0b\x32\x11.pdserve.v1.Model*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x32\xed\x01\n\nGeneration\x12G\n\x08Generate\x12\x1b.pdserve.v1.GenerateRequest\x1a\x1c.pdserve.v1.GenerateResponse0\x01\x12I\n\rGetServerInfo\x12 .pdserve.v1.GetServerInfoRequest\x1a\x16.pdserve.v1.ServerInfo\x12K\n\nListModels\x12\x1d.pdserve.v1.ListModelsRequest\x1a\x1e.pdserve.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18pdserve/v1/pdserve.proto\x12\npdserve.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"1\n\x04\x43hat\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.pdserve.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xd2\x01\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\rH\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x03\x88\x01\x01\x12\x12\n\nignore_eos\x18\x06 \x01(\x08\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\rB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seed\"\xeb\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12 \n\x04\x63hat\x18\x03 \x01(\x0b\x32\x10.pdserve.v1.ChatH\x00\x12\x30\n\x10prompt_token_ids\x18\x04 \x01(\x0b\x32\x14.pdserve.v1.TokenIdsH\x00\x12,\n\x08sampling\x18\x05 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x18\n\x10resume_token_ids\x18\x07 \x03(\rB\x07\n\x05input\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\xf8\x01\n\x0cPhaseTimings\x12\x14\n\x0crouter_queue\x18\x01 \x01(\x01\x12\x15\n\rprefill_queue\x18\x02 \x01(\x01\x12\x17\n\x0fprefill_compute\x18\x03 \x01(\x01\x12\x13\n\x0bkv_transfer\x18\x04 \x01(\x01\x12\x14\n\x0c\x64\x65\x63ode_queue\x18\x05 \x01(\x01\x12\x19\n\x11\x66irst_decode_step\x18\x06 \x01(\x01\x12\x0e\n\x06\x64\x65\x63ode\x18\x07 \x01(\x01\x12\x1b\n\x13time_to_first_token\x18\x08 \x01(\x01\x12\x12\n\nend_to_end\x18\t \x01(\x01\x12\x1b\n\x13kv_transfer_failure\x18\n \x01(\t\"\xb8\x01\n\x05\x46inal\x12/\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x18.pdserve.v1.FinishReason\x12 \n\x05usage\x18\x02 \x01(\x0b\x32\x11.pdserve.v1.Usage\x12)\n\x07timings\x18\x03 \x01(\x0b\x32\x18.pdserve.v1.PhaseTimings\x12\x18\n\x10prefill_instance\x18\x04 \x01(\t\x12\x17\n\x0f\x64\x65\x63ode_instance\x18\x05 \x01(\t\"i\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12 \n\x05\x66inal\x18\x04 \x01(\x0b\x32\x11.pdserve.v1.Final\"\x16\n\x14GetServerInfoRequest\"\xa8\x01\n\nServerInfo\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0c\n\x04mode\x18\x02 \x01(\t\x12\x15\n\rdefault_model\x18\x03 \x01(\t\x12\x15\n\rmax_model_len\x18\x04 \x01(\r\x12\x18\n\x10max_tokens_limit\x18\x05 \x01(\r\x12\x19\n\x11prefill_instances\x18\x06 \x01(\r\x12\x18\n\x10\x64\x65\x63ode_instances\x18\x07 \x01(\r\"\x13\n\x11ListModelsRequest\"*\n\x05Model\x12\n\n\x02id\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\"7\n\x12ListModelsResponse\x12!\n\x06models\x18\x01 \x03(\x0b\x32\x11.pdserve.v1.Model*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x32\xed\x01\n\nGeneration\x12G\n\x08Generate\x12\x1b.pdserve.v1.GenerateRequest\x1a\x1c.pdserve.v1.GenerateResponse0\x01\x12I\n\rGetServerInfo\x12 .pdserve.v1.GetServerInfoRequest\x1a\x16.pdserve.v1.ServerInfo\x12K\n\nListModels\x12\x1d.pdserve.v1.ListModelsRequest\x1a\x1e.pdserve.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pdserve.v1.pdserve_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1505
-  _globals['_FINISHREASON']._serialized_end=1600
+  _globals['_FINISHREASON']._serialized_start=1534
+  _globals['_FINISHREASON']._serialized_end=1629
   _globals['_CHATMESSAGE']._serialized_start=40
   _globals['_CHATMESSAGE']._serialized_end=84
   _globals['_CHAT']._serialized_start=86
@@ -46,21 +46,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_USAGE']._serialized_start=613
   _globals['_USAGE']._serialized_end=670
   _globals['_PHASETIMINGS']._serialized_start=673
-  _globals['_PHASETIMINGS']._serialized_end=892
-  _globals['_FINAL']._serialized_start=895
-  _globals['_FINAL']._serialized_end=1079
-  _globals['_GENERATERESPONSE']._serialized_start=1081
-  _globals['_GENERATERESPONSE']._serialized_end=1186
-  _globals['_GETSERVERINFOREQUEST']._serialized_start=1188
-  _globals['_GETSERVERINFOREQUEST']._serialized_end=1210
-  _globals['_SERVERINFO']._serialized_start=1213
-  _globals['_SERVERINFO']._serialized_end=1381
-  _globals['_LISTMODELSREQUEST']._serialized_start=1383
-  _globals['_LISTMODELSREQUEST']._serialized_end=1402
-  _globals['_MODEL']._serialized_start=1404
-  _globals['_MODEL']._serialized_end=1446
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1448
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1503
-  _globals['_GENERATION']._serialized_start=1603
-  _globals['_GENERATION']._serialized_end=1840
+  _globals['_PHASETIMINGS']._serialized_end=921
+  _globals['_FINAL']._serialized_start=924
+  _globals['_FINAL']._serialized_end=1108
+  _globals['_GENERATERESPONSE']._serialized_start=1110
+  _globals['_GENERATERESPONSE']._serialized_end=1215
+  _globals['_GETSERVERINFOREQUEST']._serialized_start=1217
+  _globals['_GETSERVERINFOREQUEST']._serialized_end=1239
+  _globals['_SERVERINFO']._serialized_start=1242
+  _globals['_SERVERINFO']._serialized_end=1410
+  _globals['_LISTMODELSREQUEST']._serialized_start=1412
+  _globals['_LISTMODELSREQUEST']._serialized_end=1431
+  _globals['_MODEL']._serialized_start=1433
+  _globals['_MODEL']._serialized_end=1475
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1477
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1532
+  _globals['_GENERATION']._serialized_start=1632
+  _globals['_GENERATION']._serialized_end=1869
 # @@protoc_insertion_point(module_scope)

@@ -81,7 +81,7 @@ class Usage(_message.Message):
     def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ...) -> None: ...
 
 class PhaseTimings(_message.Message):
-    __slots__ = ("router_queue", "prefill_queue", "prefill_compute", "kv_transfer", "decode_queue", "first_decode_step", "decode", "time_to_first_token", "end_to_end")
+    __slots__ = ("router_queue", "prefill_queue", "prefill_compute", "kv_transfer", "decode_queue", "first_decode_step", "decode", "time_to_first_token", "end_to_end", "kv_transfer_failure")
     ROUTER_QUEUE_FIELD_NUMBER: _ClassVar[int]
     PREFILL_QUEUE_FIELD_NUMBER: _ClassVar[int]
     PREFILL_COMPUTE_FIELD_NUMBER: _ClassVar[int]
@@ -91,6 +91,7 @@ class PhaseTimings(_message.Message):
     DECODE_FIELD_NUMBER: _ClassVar[int]
     TIME_TO_FIRST_TOKEN_FIELD_NUMBER: _ClassVar[int]
     END_TO_END_FIELD_NUMBER: _ClassVar[int]
+    KV_TRANSFER_FAILURE_FIELD_NUMBER: _ClassVar[int]
     router_queue: float
     prefill_queue: float
     prefill_compute: float
@@ -100,7 +101,8 @@ class PhaseTimings(_message.Message):
     decode: float
     time_to_first_token: float
     end_to_end: float
-    def __init__(self, router_queue: _Optional[float] = ..., prefill_queue: _Optional[float] = ..., prefill_compute: _Optional[float] = ..., kv_transfer: _Optional[float] = ..., decode_queue: _Optional[float] = ..., first_decode_step: _Optional[float] = ..., decode: _Optional[float] = ..., time_to_first_token: _Optional[float] = ..., end_to_end: _Optional[float] = ...) -> None: ...
+    kv_transfer_failure: str
+    def __init__(self, router_queue: _Optional[float] = ..., prefill_queue: _Optional[float] = ..., prefill_compute: _Optional[float] = ..., kv_transfer: _Optional[float] = ..., decode_queue: _Optional[float] = ..., first_decode_step: _Optional[float] = ..., decode: _Optional[float] = ..., time_to_first_token: _Optional[float] = ..., end_to_end: _Optional[float] = ..., kv_transfer_failure: _Optional[str] = ...) -> None: ...
 
 class Final(_message.Message):
     __slots__ = ("finish_reason", "usage", "timings", "prefill_instance", "decode_instance")

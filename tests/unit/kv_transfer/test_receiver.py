@@ -28,7 +28,7 @@ def config(instance: str, epoch: int = 1) -> TransportConfig:
 @pytest.fixture
 def receiver():
     listener = shm.listen(config("decode-0"))
-    r = Receiver(listener, listener.address, lease_s=3600.0)
+    r = Receiver([listener], listener.address, lease_s=3600.0)
     yield r
     r.close()
 
@@ -156,7 +156,7 @@ def test_a_release_fails_a_load_that_waits_for_the_called_off_transfer(receiver)
 def test_unclaimed_kv_is_freed_when_its_lease_runs_out():
     listener = shm.listen(config("decode-0"))
     lease_s = 60.0
-    receiver = Receiver(listener, listener.address, lease_s=lease_s)
+    receiver = Receiver([listener], listener.address, lease_s=lease_s)
     try:
         link = dial(receiver)
         link.send(layer_key("t", 0), [memoryview(b"\1" * SIZE)], 5.0)

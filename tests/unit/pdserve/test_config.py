@@ -9,8 +9,8 @@ def test_embedded_default_is_local_cpu_smollm2():
     assert config.ray.address is None
     assert config.engine.model == "smollm2-135m-instruct"
     assert config.workers.mode == "disaggregated"
-    assert (config.workers.prefill_instances, config.workers.decode_instances) == (1, 1)
-    assert config.transfer.transport == "tcp" and config.transfer.layerwise
+    assert config.workers.layout() == "1P1D"
+    assert config.transfer.layerwise
 
 
 def test_empty_file_means_defaults(tmp_path):
@@ -20,15 +20,15 @@ def test_empty_file_means_defaults(tmp_path):
 
 
 def test_sections_override_defaults():
-    config = config_from_dict({"workers": {"instances": 3}, "router": {"policy": "round_robin"}})
-    assert config.workers.instances == 3
+    config = config_from_dict({"workers": {"colocated": {"instances": 3}}, "router": {"policy": "round_robin"}})
+    assert config.workers.colocated.instances == 3
     assert config.router.policy == "round_robin"
     assert config.engine == ServeConfig().engine
 
 
 def test_unknown_keys_are_errors():
     with pytest.raises(ValidationError, match="instancez"):
-        config_from_dict({"workers": {"instancez": 3}})
+        config_from_dict({"workers": {"prefill": {"instancez": 3}}})
     with pytest.raises(ValidationError, match="routr"):
         config_from_dict({"routr": {}})
 
@@ -36,7 +36,6 @@ def test_unknown_keys_are_errors():
 @pytest.mark.parametrize(
     ("data", "message"),
     [
-        ({"workers": {"instances": 0}}, "workers.instances must be >= 1"),
         ({"router": {"policy": "fastest"}}, "router.policy must be one of"),
         ({"router": {"prefill_policy": "projected_kv"}}, "router.prefill_policy must be one of"),
         ({"router": {"predictor": "/nonexistent/head.pt"}}, "router.predictor: no head file at"),
@@ -60,7 +59,6 @@ def test_top_level_must_be_a_mapping(tmp_path):
 
 @pytest.mark.parametrize("section, values, message", [
     ("workers", {"mode": "split"}, "mode"),
-    ("workers", {"decode_instances": 0}, "decode_instances"),
     ("transfer", {"transport": "rdma"}, "transport"),
     ("transfer", {"deadline_s": 0}, "deadline_s"),
     ("transfer", {"receive_buffer_mib": 0}, "receive_buffer_mib"),
@@ -70,15 +68,29 @@ def test_disaggregation_settings_are_checked(section, values, message):
         config_from_dict({section: values})
 
 
-@pytest.mark.parametrize("workers, node_cpus, engines, spare", [
-    ({"mode": "colocated", "instances": 1}, 2, [[0]], [1]),
-    ({"mode": "colocated", "instances": 2}, 2, [[0], [1]], []),
-    ({"prefill_instances": 1, "decode_instances": 1}, 4, [[0], [1]], [2, 3]),
-    ({"prefill_instances": 2, "decode_instances": 2}, 2, [[0], [1], [0], [1]], []),  # wraps around the node
-    ({"mode": "colocated", "instances": 1, "cpus_per_instance": 2}, 3, [[0, 1]], [2]),
-    ({"mode": "colocated", "instances": 1, "bind_threads": False}, 2, [[0]], []),  # nothing bound at all
+def test_pools_reserve_their_resources_and_override_the_engine():
+    config = config_from_dict({
+        "engine": {"max_num_seqs": 8},
+        "workers": {"prefill": {"instances": 2, "resources": {"pdserve-prefill": 1}},
+                    "decode": {"cpus": 2, "gpus": 1, "engine": {"max_num_seqs": 64, "kv_cache_gib": 4}}},
+    })
+    (prefill_role, prefill), (decode_role, decode) = config.workers.pools()
+    assert (prefill_role, prefill.instances, prefill.resources) == ("prefill", 2, {"pdserve-prefill": 1})
+    assert prefill.engine_config(config.engine) == config.engine
+    assert (decode_role, decode.cpus, decode.gpus) == ("decode", 2, 1)
+    engine = decode.engine_config(config.engine)
+    assert (engine.max_num_seqs, engine.kv_cache_gib, engine.dtype) == (64, 4, config.engine.dtype)
+    assert config.workers.layout() == "2P1D" and config.workers.count == 3
+
+
+@pytest.mark.parametrize("workers, message", [
+    ({"decode": {"instances": 0}}, "instances must be >= 1"),
+    ({"prefill": {"cpus": 0}}, "cpus must be >= 1"),
+    ({"prefill": {"resources": {"pdserve-prefill": 0}}}, "every resource amount > 0"),
+    ({"decode": {"engine": {"max_num_seqz": 4}}}, r"engine overrides \['max_num_seqz'\] are not engine settings"),
+    ({"decode": {"engine": {"kv_cache_gib": 0}}}, "workers.decode.engine: engine.kv_cache_gib must be > 0"),
+    ({"colocated": {"instancez": 2}}, "instancez"),
 ])
-def test_engines_get_their_own_cores_and_actors_get_the_rest(workers, node_cpus, engines, spare):
-    config = config_from_dict({"workers": workers}).workers
-    assert [config.engine_cores(i, node_cpus) for i in range(config.count)] == engines
-    assert config.spare_cores(node_cpus) == spare
+def test_bad_pools_name_the_field(workers, message):
+    with pytest.raises(ValueError, match=message):
+        config_from_dict({"workers": workers})

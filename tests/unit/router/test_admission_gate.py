@@ -7,14 +7,15 @@ import pytest
 from common.errors import (
     RETRY_AFTER_METADATA,
     InvalidArgument,
+    NoInstance,
     Overloaded,
     retry_after_header,
     retry_after_ms,
     trailing_metadata,
 )
 from router.admission import Gate
-from router.instance import InstanceSnapshot
-from router.policy import POLICIES, LeastOutstanding, NoInstance, RoundRobin
+from router.placement import POLICIES, InstanceSnapshot
+from router.placement.load import LeastOutstanding, RoundRobin
 
 
 def test_slots_then_queue_then_refusal_with_a_hint_that_grows():

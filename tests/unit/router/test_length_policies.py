@@ -2,12 +2,10 @@ import pytest
 
 from common.errors import NoInstance, Overloaded
 from router.admission import BoundedQueue
-from router.instance import InstanceSnapshot, RequestLoad
-from router.kv_placement import LeastKv, MaxTokensWeighted, ProjectedKv, projected_peak
-from router.placement import Placement
-from router.policy import POLICIES, make_policy
+from router.placement import POLICIES, InstanceSnapshot, Placement, RequestLoad, make_policy
+from router.placement.kv import LeastKv, MaxTokensWeighted, ProjectedKv, projected_peak
+from router.placement.prefix import PrefixAffinity, cached_tokens
 from router.predictor.prediction import FixedPrediction, LengthPrediction, from_max_tokens, remaining
-from router.prefill_placement import PrefixAffinity, cached_tokens
 
 
 def load(tokens: int, p90: int, p50: int | None = None, left: int = 4096) -> RequestLoad:

@@ -1,8 +1,8 @@
 import pytest
 
 from common.errors import NoInstance
-from router.instance import InstanceSnapshot, RequestLoad
-from router.policy import LeastOutstanding, RoundRobin, make_policy
+from router.placement import InstanceSnapshot, RequestLoad, make_policy
+from router.placement.load import LeastOutstanding, RoundRobin
 
 
 def snaps(*loads: int, unhealthy: tuple[int, ...] = ()) -> list[InstanceSnapshot]:

@@ -21,8 +21,9 @@ from pdserve_tools.bench.serve import (
     to_json,
 )
 from pdserve_tools.bench.serve_data import cap_outputs, check_dataset, random_workload
-from pdserve_tools.bench.serve_metrics import Probe, RequestTrace, SearchResult, Slo, summarize
+from pdserve_tools.bench.serve_metrics import Probe, RequestTrace, SearchResult, summarize
 from pdserve_tools.bench.workload import ArrivalConfig, BenchRequest
+from pdserve_tools.slo import Slo
 
 SLO = Slo(ttft_s=0.5, tpot_s=0.1)
 
@@ -191,4 +192,4 @@ def test_the_placement_benchmark_config_loads_with_its_committed_predictor():
     projected = config_from_dict(target_data(base, "pdserve-1p2d-projected", None))
     least = config_from_dict(target_data(base, "pdserve-1p2d", None))
     assert (projected.router.policy, least.router.policy) == ("projected_kv", "least_outstanding")
-    assert projected.workers == least.workers and projected.workers.decode_instances == 2
+    assert projected.workers == least.workers and projected.workers.decode.instances == 2

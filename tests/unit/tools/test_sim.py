@@ -4,9 +4,9 @@ import math
 import pytest
 
 from pdserve_tools.sim import CostModel, SimConfig, WorkloadConfig, generate, run, summarize
-from router.kv_placement import ProjectedKv
-from router.policy import RoundRobin
-from router.prefill_placement import PrefixAffinity
+from router.placement.kv import ProjectedKv
+from router.placement.load import RoundRobin
+from router.placement.prefix import PrefixAffinity
 
 SMALL = SimConfig(WorkloadConfig(requests=600, rate_rps=40.0, seed=3), CostModel(kv_capacity_tokens=12_000),
                   prefill_instances=2, decode_instances=4)

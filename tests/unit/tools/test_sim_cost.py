@@ -9,7 +9,7 @@ from pdserve.cli import build_parser
 from pdserve_tools.sim.command import main
 from pdserve_tools.sim.compare import Scenario, goodput, run_policy
 from pdserve_tools.sim.cost import CostModel
-from pdserve_tools.sim.report import Slo
+from pdserve_tools.slo import Slo
 
 # Every engine time four times the placeholder's: a slower machine, same cluster.
 SLOW = CostModel(prefill_base_s=0.016, prefill_per_token_s=2.0e-4, prefill_per_token_sq_s=8.0e-9, decode_base_s=0.032,

@@ -9,8 +9,8 @@ from common.errors import NoInstance, Overloaded
 from pdserve_tools.sim.cost import CostModel
 from pdserve_tools.sim.decode import DecodeState, Seq
 from pdserve_tools.sim.workload import WorkloadConfig, generate
-from router.instance import InstanceSnapshot, RequestLoad
-from router.kv_placement import (
+from router.placement import InstanceSnapshot, Placement, RequestLoad
+from router.placement.kv import (
     KvProfile,
     LeastKv,
     MaxTokensWeighted,
@@ -20,9 +20,8 @@ from router.kv_placement import (
     profile_of,
     projected_peak,
 )
-from router.placement import Placement
+from router.placement.prefix import PrefixAffinity, cached_tokens
 from router.predictor.prediction import LengthPrediction
-from router.prefill_placement import PrefixAffinity, cached_tokens
 
 
 class FullProjectedKv:

@@ -27,9 +27,12 @@ from tqdm import tqdm
 
 from pdserve.config import EngineConfig, ServeConfig, config_from_dict
 from pdserve.models import cache_dir
-from pdserve_tools.bench.report import median_interval, percentile, table, write_json
+from pdserve_tools.bench.report import table, write_json
+from pdserve_tools.slo import tpot
+from pdserve_tools.stats import median_interval, percentile
 from pdserve_tools.tiny_model import make_tiny_llama
 from worker.affinity import bind_process
+from worker.binding import bind_node
 
 PROMPT_TOKENS = 16
 # vLLM's engine processes keep polling (spinning on their shared-memory queues) for 1 s after their last step.
@@ -73,7 +76,7 @@ async def run(config: ServeConfig, requests: int, max_tokens: int) -> dict[str, 
     except BaseException:
         engine.shutdown()
         raise
-    bind_process(set(config.workers.spare_cores(os.cpu_count() or 1)))
+    bind_process(set(bind_node([1], os.cpu_count() or 1)[0].spare_cores))  # the core its one worker's engine leaves
     rng = random.Random(0)
     samples: dict[str, list[tuple[float, float]]] = {"baseline": [], "candidate": []}
     try:
@@ -108,9 +111,9 @@ def summarize(samples: dict[str, list[tuple[float, float]]], max_tokens: int) ->
         "overhead_p50_ci95_s": median_interval(overhead, 0.95),
         "overhead_p90_s": percentile(overhead, 90),
         "ttft_overhead_p50_s": percentile(ttft_overhead, 50),
-        # What each token after the first adds: (request overhead - first-token overhead) / (tokens - 1).
+        # What each token after the first adds: the TPOT of the overhead (NaN for one-token requests).
         "per_token_overhead_p50_s": percentile(
-            [(o - f) / max(1, max_tokens - 1) for o, f in zip(overhead, ttft_overhead, strict=True)], 50
+            [t for o, f in zip(overhead, ttft_overhead, strict=True) if (t := tpot(f, o, max_tokens)) is not None], 50
         ),
         "max_tokens": max_tokens,
         "samples": samples,
@@ -124,7 +127,7 @@ def main(args: argparse.Namespace) -> int:
     engine = dataclasses.asdict(EngineConfig(model=model, max_model_len=512, max_num_batched_tokens=512,
                                              kv_cache_gib=0.25, compile=False))
     config = config_from_dict(
-        {"engine": engine, "workers": {"mode": "colocated", "instances": 1},
+        {"engine": engine, "workers": {"mode": "colocated", "colocated": {"instances": 1}},
          "router": {"port": 0, "http_port": 0, "metrics_port": 0},
          "ray": {"num_cpus": os.cpu_count() or 2, "log_to_driver": False}}
     )

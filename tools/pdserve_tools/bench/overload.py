@@ -27,18 +27,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from pdserve_tools.chaos import ChaosConfig, Plan, Result, Tally, drive, plans, send
+from pdserve_tools.slo import Slo, tpot
 
 
-@dataclass(frozen=True)
-class Slo:
-    ttft_s: float
-    tpot_s: float
-
-    def met(self, r: Result) -> bool:
-        if r.kind != "completed" or not r.first_token:
-            return False
-        tpot = (r.ended - r.first_token) / (r.tokens - 1) if r.tokens > 1 else 0.0
-        return r.first_token - r.sent <= self.ttft_s and tpot <= self.tpot_s
+def within(slo: Slo, r: Result) -> bool:
+    """A request that completed, streamed a first token and met every objective of `slo` (`Slo.met`)."""
+    if r.kind != "completed" or not r.first_token:
+        return False
+    ttft, e2e = r.first_token - r.sent, r.ended - r.sent
+    return slo.met(ttft, tpot(ttft, e2e, r.tokens), e2e)
 
 
 def rss_bytes() -> int:
@@ -82,7 +79,7 @@ async def probe(target: str, chaos: ChaosConfig, seconds: float, slo: Slo) -> fl
     config = dataclasses.replace(chaos, deadline_s=seconds, cancel_fraction=0.0)
     start = time.monotonic()
     await drive(target, plans(config), config, results.append)
-    return sum(slo.met(r) for r in results) / (time.monotonic() - start)
+    return sum(within(slo, r) for r in results) / (time.monotonic() - start)
 
 
 async def offer(target: str, todo: list[Plan], rate: float, timeout: float, seed: int) -> list[Result]:
@@ -158,7 +155,7 @@ async def run_overload(dep: Any, args: argparse.Namespace) -> OverloadReport:
     for r in results:
         tally.add(r)
     admitted = [r for r in results if r.kind != "rejected"]
-    met = sum(slo.met(r) for r in admitted) / len(admitted) if admitted else 0.0
+    met = sum(within(slo, r) for r in admitted) / len(admitted) if admitted else 0.0
     after = await drive(dep.target, todo[:1], ChaosConfig(requests=1, concurrency=1, kill_every_s=0), lambda r: None)
     healthy = all(i.healthy for i in dep.router.registry.all())
     return OverloadReport(

@@ -3,7 +3,8 @@
 Contract. `pdserve_server(config, log)` writes `config` (a serve config as a dict, ports 0) to a file next to
 `log`, starts `python -m pdserve.cli serve --config FILE` in its own process group with its output in `log`, and
 yields the addresses it printed once it serves: `(grpc_target "HOST:PORT", http_base_url "http://HOST:PORT/v1",
-metrics_url "http://HOST:PORT/metrics")`.
+metrics_url "http://HOST:PORT/metrics")`. `pdserve_process` does the same and yields a `Served`: those addresses and
+the process id, which is the router's (`pdserve serve` runs the router in the process it starts as).
 A server that exits first, or does not serve within `STARTUP_TIMEOUT_S`, raises `PeerStartError` with the tail of
 its log. On exit the group gets SIGTERM (pdserve stops its deployment and its local Ray), and SIGKILL for what is
 left of it after a grace period, like the vLLM peers (`pdserve_tools.bench.peers.ServerProcess`).
@@ -21,6 +22,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +34,24 @@ SERVING = re.compile(r"pdserve serving gRPC on (\S+), OpenAI-compatible HTTP on 
 STOP_GRACE_S = 30.0  # pdserve stops its engines, then its local Ray
 
 
+@dataclass(frozen=True)
+class Served:
+    """A running `pdserve serve`: where it answers, and its process (the router's)."""
+
+    grpc_target: str  # "HOST:PORT"
+    http_url: str  # "http://HOST:PORT/v1"
+    metrics_url: str  # "http://HOST:PORT/metrics"
+    pid: int
+
+
 @contextlib.asynccontextmanager
 async def pdserve_server(config: dict[str, Any], log: Path) -> AsyncIterator[tuple[str, str, str]]:
+    async with pdserve_process(config, log) as served:
+        yield served.grpc_target, served.http_url, served.metrics_url
+
+
+@contextlib.asynccontextmanager
+async def pdserve_process(config: dict[str, Any], log: Path) -> AsyncIterator[Served]:
     log.parent.mkdir(parents=True, exist_ok=True)
     config_file = log.with_suffix(".yaml")
     config_file.write_text(yaml.safe_dump(config))
@@ -45,7 +63,7 @@ async def pdserve_server(config: dict[str, Any], log: Path) -> AsyncIterator[tup
     try:
         grpc_target, http_url, metrics_url = await _serving(process, log)
         server.url = http_url.removesuffix("/v1")
-        yield grpc_target, http_url, metrics_url
+        yield Served(grpc_target, http_url, metrics_url, process.pid)
     finally:
         await server.stop(STOP_GRACE_S)
 

@@ -48,7 +48,9 @@ from typing import Any, Protocol
 import aiohttp
 from aiohttp import web
 
-from pdserve.config import EngineConfig, WorkersConfig
+from kv_transfer.transport import SECRET_ENV
+from pdserve.config import EngineConfig
+from worker.binding import bind_node
 
 SERVED_MODEL = "vllm-peer"
 STARTUP_TIMEOUT_S = 600.0  # two engines starting side by side on a busy 2-core machine took about a minute
@@ -79,9 +81,11 @@ def instance_env(index: int, instances: int, cpus_per_instance: int, engine: Eng
     """The environment of server `index`: pdserve's worker environment for the same place in the pool."""
     from pdserve.cluster import worker_env
 
-    workers = WorkersConfig(mode="colocated", instances=instances, cpus_per_instance=cpus_per_instance)
+    binding = bind_node([cpus_per_instance] * instances, os.cpu_count() or 1)[index]
     env = dict(os.environ)
-    env.update(worker_env(index, workers, engine, os.cpu_count() or 1))
+    env.update(worker_env(engine, secret=""))
+    del env[SECRET_ENV]
+    env["VLLM_CPU_OMP_THREADS_BIND"] = binding.omp_bind()
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     return env
 

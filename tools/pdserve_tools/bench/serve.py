@@ -42,12 +42,12 @@ from pdserve_tools.bench.serve_metrics import (
     SearchConfig,
     SearchResult,
     ServeMetrics,
-    Slo,
     goodput_search,
     summarize,
 )
 from pdserve_tools.bench.serve_targets import CLIENTS, TARGETS, Driver, TargetSpec, preemptions, started
 from pdserve_tools.bench.workload import ArrivalConfig, BenchRequest, arrival_times
+from pdserve_tools.slo import Slo
 
 REFERENCE = "pdserve-disagg"
 HEARTBEAT_S = 1.5  # a little over the router's heartbeat period: engine counters it reports are this fresh

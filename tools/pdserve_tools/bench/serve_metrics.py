@@ -7,9 +7,9 @@ uses the key names of vLLM's result files (milliseconds), so the two can be read
 
 Definitions (vLLM `vllm/benchmarks/serve.py` and `lib/endpoint_request_func.py`):
 
-- TTFT = first chunk's arrival - send time. E2E latency = last chunk's arrival - send time.
-- TPOT = (E2E - TTFT) / (output tokens - 1), only for requests with more than one output token; for goodput
-  a request with one token has TPOT 0, so it meets any TPOT objective.
+- TTFT = first chunk's arrival - send time. E2E latency = last chunk's arrival - send time. TPOT and the SLO
+  test are `pdserve_tools.slo`'s: TPOT only for requests with more than one output token; for goodput a
+  request with one token has TPOT 0, so it meets any TPOT objective.
 - ITL: one sample per chunk after the first, the whole gap since the previous chunk, whatever the chunk's
   token count. vLLM does not divide a multi-token chunk's gap (so with multi-token chunks mean ITL exceeds
   TPOT); we do the same by default. `MetricsOptions(itl_per_token=True)` instead spreads a k-token chunk's
@@ -18,11 +18,11 @@ Definitions (vLLM `vllm/benchmarks/serve.py` and `lib/endpoint_request_func.py`)
   ones are counted. Throughputs divide by the benchmark duration: pass the measured wall time (vLLM: from
   just before the first request is dispatched to the last response); left out, the span of the traces
   (first send to last chunk) stands in for it.
-- Statistics: mean, population standard deviation, median and percentiles by linear interpolation between
-  closest ranks (Hyndman-Fan type 7, numpy's default, which vLLM uses). An empty set gives NaN (None in JSON).
-- SLOs (vLLM `--goodput ttft:MS tpot:MS e2el:MS`): a request is good when it succeeded and each given metric
-  is <= its objective. Goodput = good requests / duration. SLO attainment = good / all requests (a failed
-  request misses), a figure vLLM does not print.
+- Statistics: mean, population standard deviation, median and percentiles (`pdserve_tools.stats.percentile`,
+  vLLM's interpolation). An empty set gives NaN (None in JSON).
+- SLOs (vLLM `--goodput ttft:MS tpot:MS e2el:MS`, `Slo.parse`): a request is good when it succeeded and each
+  given metric is <= its objective. Goodput = good requests / duration. SLO attainment = good / all requests
+  (a failed request misses), a figure vLLM does not print.
 
 `goodput_search(run, slo, config)` looks for the highest offered rate at which at least `config.target`
 (0.9) of the requests meet both a TTFT and a TPOT objective (DistServe's per-GPU goodput). `run` maps a rate
@@ -36,10 +36,11 @@ With a noisy `run` the bracket holds a boundary, not necessarily the last one.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from pdserve_tools.bench.report import percentile
+from pdserve_tools.slo import Slo, tpot
+from pdserve_tools.stats import percentile
 
 DEFAULT_PERCENTILES: tuple[float, ...] = (90.0, 99.0)
 _MS = 1000.0
@@ -87,9 +88,12 @@ class RequestTrace:
 
     @property
     def tpot(self) -> float | None:
-        """None for a request of one output token: it has no time per further token."""
-        out = self.output_tokens
-        return (self.e2e - self.ttft) / (out - 1) if out > 1 else None
+        """`pdserve_tools.slo.tpot`: None for a request of one output token."""
+        return tpot(self.ttft, self.e2e, self.output_tokens)
+
+    def meets(self, slo: Slo) -> bool:
+        """Succeeded and met every objective of `slo` (`Slo.met`)."""
+        return self.ok and slo.met(self.ttft, self.tpot, self.e2e)
 
     def itls(self, per_token: bool = False) -> list[float]:
         times = self._chunks()
@@ -107,48 +111,6 @@ class RequestTrace:
         if not self.chunk_times:
             raise ValueError("this trace has no output chunk, so no latency")
         return self.chunk_times
-
-
-@dataclass(frozen=True, slots=True)
-class Slo:
-    """Service-level objectives in seconds; None leaves a metric unconstrained (at least one must be set)."""
-
-    ttft_s: float | None = None
-    tpot_s: float | None = None
-    e2e_s: float | None = None
-
-    def __post_init__(self) -> None:
-        values = (self.ttft_s, self.tpot_s, self.e2e_s)
-        if all(v is None for v in values):
-            raise ValueError("an SLO needs at least one of ttft, tpot, e2e")
-        if any(v is not None and not v >= 0 for v in values):
-            raise ValueError("SLO values must be non-negative")
-
-    @classmethod
-    def parse(cls, pairs: Iterable[str]) -> Slo:
-        """vLLM's `--goodput` syntax: "KEY:MS" pairs, KEY one of ttft, tpot, e2el, values in milliseconds."""
-        names = {"ttft": "ttft_s", "tpot": "tpot_s", "e2el": "e2e_s"}
-        found: dict[str, float] = {}
-        for pair in pairs:
-            key, sep, value = pair.partition(":")
-            if not sep or key not in names:
-                raise ValueError(f"bad SLO {pair!r}: write KEY:MILLISECONDS with KEY one of ttft, tpot, e2el")
-            try:
-                found[names[key]] = float(value) / _MS
-            except ValueError:
-                raise ValueError(f"bad SLO {pair!r}: {value!r} is not a number of milliseconds") from None
-        return cls(**found)
-
-    def met_by(self, trace: RequestTrace) -> bool:
-        if not trace.ok:
-            return False
-        tpot = trace.tpot or 0.0  # vLLM: a one-token request has TPOT 0 for goodput
-        checks = ((self.ttft_s, trace.ttft), (self.tpot_s, tpot), (self.e2e_s, trace.e2e))
-        return all(value <= limit for limit, value in checks if limit is not None)
-
-    def to_json(self) -> dict[str, float | None]:
-        return {key: None if v is None else v * _MS
-                for key, v in (("ttft_ms", self.ttft_s), ("tpot_ms", self.tpot_s), ("e2el_ms", self.e2e_s))}
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,7 +233,7 @@ def summarize(traces: Sequence[RequestTrace], duration_s: float | None = None, s
         total_input_tokens=sum(t.prompt_tokens for t in done), total_output_tokens=sum(t.output_tokens for t in done),
         ttft=Distribution.of([t.ttft for t in done], qs), tpot=Distribution.of(tpots, qs),
         itl=Distribution.of(itls, qs), e2e=Distribution.of([t.e2e for t in done], qs),
-        slo=slo, good=0 if slo is None else sum(slo.met_by(t) for t in done),
+        slo=slo, good=0 if slo is None else sum(t.meets(slo) for t in done),
     )
 
 

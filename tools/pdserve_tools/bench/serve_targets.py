@@ -38,10 +38,10 @@ from pdserve.config import EngineConfig, ServeConfig, config_from_dict
 from pdserve_tools.bench.serve_metrics import RequestTrace
 from pdserve_tools.bench.workload import BenchRequest
 
-ONE_P_TWO_D = {"mode": "disaggregated", "prefill_instances": 1, "decode_instances": 2}
+ONE_P_TWO_D = {"mode": "disaggregated", "prefill": {"instances": 1}, "decode": {"instances": 2}}
 PDSERVE_TARGETS: dict[str, dict[str, Any]] = {
-    "pdserve-disagg": {"mode": "disaggregated", "prefill_instances": 1, "decode_instances": 1},
-    "pdserve-colocated": {"mode": "colocated", "instances": 2},
+    "pdserve-disagg": {"mode": "disaggregated", "prefill": {"instances": 1}, "decode": {"instances": 1}},
+    "pdserve-colocated": {"mode": "colocated", "colocated": {"instances": 2}},
     "pdserve-1p2d": ONE_P_TWO_D,
     "pdserve-1p2d-projected": ONE_P_TWO_D,
 }

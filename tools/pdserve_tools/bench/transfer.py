@@ -30,8 +30,9 @@ from tqdm import tqdm
 
 from kv_transfer.params import RecvSpec, SendSpec, to_params
 from pdserve.config import ServeConfig, config_from_dict, load_config
-from pdserve_tools.bench.report import percentile, table, write_json
+from pdserve_tools.bench.report import table, write_json
 from pdserve_tools.bench.serve_targets import target_data
+from pdserve_tools.stats import percentile
 from router.request import SamplingSpec
 
 RECORD_TIMEOUT_S = 60.0

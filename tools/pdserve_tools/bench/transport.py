@@ -19,7 +19,6 @@ import json
 import multiprocessing as mp
 import os
 import socket
-import statistics
 import sys
 import time
 from collections.abc import Sequence
@@ -31,6 +30,7 @@ from kv_transfer.endpoint import Endpoint
 from kv_transfer.link import Link, Listener
 from kv_transfer.transport import TransportConfig
 from pdserve_tools.bench.report import table, write_json
+from pdserve_tools.stats import percentile
 
 TRANSPORTS = ("tcp", "shm")
 TIMEOUT_S = 30.0
@@ -89,21 +89,21 @@ def _round(name: str, ctl: Connection, raw: socket.socket, links: dict[str, Link
 
 
 def _summary(samples: dict[str, list[float]], size: int, repeats: int) -> dict[str, object]:
-    raw = statistics.median(samples["raw"])
+    raw = percentile(samples["raw"], 50)
     out: dict[str, object] = {"size_bytes": size, "repeats": repeats, "unit": "GB/s", "raw": _stats(samples["raw"])}
     for name, values in samples.items():
         if name != "raw":
             paired = [v / r for v, r in zip(values, samples["raw"], strict=True)]
             out[name] = {
                 **_stats(values),
-                "ratio": statistics.median(values) / raw,
-                "paired_ratio": statistics.median(paired),
+                "ratio": percentile(values, 50) / raw,
+                "paired_ratio": percentile(paired, 50),
             }
     return out
 
 
 def _stats(values: list[float]) -> dict[str, object]:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "samples": values}
+    return {"median": percentile(values, 50), "min": min(values), "max": max(values), "samples": values}
 
 
 def measure(transports: Sequence[str] = TRANSPORTS, size_bytes: int = 64 << 20, repeats: int = 5,

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -27,6 +26,7 @@ from pdserve_tools.predictor.labels import LabelRecord
 from pdserve_tools.predictor.metrics import score, split_half_tau
 from pdserve_tools.predictor.store import read_labels
 from pdserve_tools.predictor.train import by_split, rows, train_head
+from pdserve_tools.stats import percentile
 from router.predictor.calibration import P90Calibrator
 from router.predictor.features import length_feature
 from router.predictor.head import FitConfig, HeadConfig, load_head, to_tokens
@@ -54,7 +54,7 @@ def _cost_ms(predictor: LearnedLengthPredictor, records: Sequence[LabelRecord], 
         start = time.perf_counter()
         predictor.predict_text(r.prompt, r.prompt_tokens, r.settings.max_tokens)
         times.append((time.perf_counter() - start) * 1000)
-    return float(statistics.median(times))
+    return percentile(times, 50)
 
 
 def evaluate(predictor: LearnedLengthPredictor, records: Sequence[LabelRecord], cost_prompts: int) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """`pdserve predictor label`: output lengths of the served model over ShareGPT prompts, resumable.
 
-The served model runs offline in one plain `vllm.LLM` (continuous batching: `--batch` prompts in the engine at
-once, every prompt sampled `--samples` times with vLLM's `n`, a finished prompt replaced by the next at once).
+The served model runs offline in one `vllm.LLM` with the served engine's settings (`pdserve_tools.engine`;
+continuous batching: `--batch` prompts in the engine at once, every prompt sampled `--samples` times with vLLM's
+`n`, a finished prompt replaced by the next at once).
 Each prompt is the first human turn of a ShareGPT conversation with the chat template applied, as the router
 applies it to a chat request. Sampling is the served default, temperature 1.0
 and top_p 1.0 (what a request that names no temperature gets), so the labels describe the lengths the router
@@ -17,7 +18,6 @@ finishes; a rerun with the same file skips the keys it holds (and repairs a last
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import sys
 from collections.abc import Iterator
@@ -25,9 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pdserve_tools.engine import offline_engine
 from pdserve_tools.predictor.labels import LabelRecord, LabelSettings, labelling_order
 from pdserve_tools.predictor.metrics import split_of
 from pdserve_tools.predictor.store import LabelWriter, read_labels, repair_tail
+from worker.config import EngineConfig
 
 SERVED_TEMPERATURE = 1.0
 
@@ -50,6 +52,14 @@ class LabelConfig:
             raise ValueError("labelling needs --prompts >= 0, --samples >= 1, --batch >= 1 and --max-tokens >= 1")
         if self.temperature < 0 or self.max_prompt_tokens < 1 or not self.kv_cache_gib > 0:
             raise ValueError("labelling needs temperature >= 0, max_prompt_tokens >= 1 and kv_cache_gib > 0")
+
+    @property
+    def engine(self) -> EngineConfig:
+        """The served engine's arguments for `model`, sized for `batch` prompts of `samples` samples each."""
+        longest = self.max_prompt_tokens + self.max_tokens
+        return EngineConfig(model=self.model, max_model_len=longest, max_num_seqs=self.batch * self.samples,
+                            max_num_batched_tokens=max(8192, longest), kv_cache_gib=self.kv_cache_gib,
+                            seed=self.seed)
 
     @property
     def settings(self) -> LabelSettings:
@@ -128,25 +138,9 @@ def remaining(config: LabelConfig) -> int:
 
 
 def engine(config: LabelConfig) -> Any:
-    """The served model in one offline `vllm.LLM`; shut it down with `llm.llm_engine.engine_core.shutdown()`."""
-    from vllm import LLM
-
-    from pdserve.models import resolve_model
-
-    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")  # every core labels (vLLM keeps one by default)
-    return LLM(
-        model=str(resolve_model(config.model)),
-        dtype="float32",
-        max_model_len=config.max_prompt_tokens + config.max_tokens,
-        max_num_seqs=config.batch * config.samples,
-        kv_cache_memory_bytes=int(config.kv_cache_gib * 2**30),
-        enforce_eager=True,
-        seed=config.seed,
-        # Prompts are prefilled whole: vLLM-CPU fails a seeded request whose prompt is split across steps
-        # ("CPU Generator does not use offset" when it rewinds the request's generator after a partial step).
-        enable_chunked_prefill=False,
-        max_num_batched_tokens=max(8192, config.max_prompt_tokens + config.max_tokens),
-    )
+    """The served model in one offline engine (`pdserve_tools.engine.offline_engine`, every prompt prefilled whole)
+    on the cores the environment binds it to; shut it down with `llm.llm_engine.engine_core.shutdown()`."""
+    return offline_engine(config.engine)
 
 
 def label(config: LabelConfig, llm: Any) -> int:

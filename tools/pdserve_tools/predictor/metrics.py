@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import hashlib
 import math
-import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+from pdserve_tools.stats import percentile
 
 SPLITS = ("train", "validation", "test")
 
@@ -82,7 +83,7 @@ def score(p50: Sequence[int], p90: Sequence[int], lengths: Sequence[Sequence[int
     """Scores per-prompt predictions against the observed lengths of every sample of each prompt."""
     if not (len(p50) == len(p90) == len(lengths)) or not lengths or not all(lengths):
         raise ValueError("score needs one p50, one p90 and at least one observed length per prompt")
-    medians = [float(statistics.median(ls)) for ls in lengths]
+    medians = [percentile(ls, 50) for ls in lengths]
     errors = [abs(p - n) for p, ls in zip(p50, lengths, strict=True) for n in ls]
     covered = [n <= q for q, ls in zip(p90, lengths, strict=True) for n in ls]
     count = len(errors)
@@ -100,8 +101,8 @@ def score(p50: Sequence[int], p90: Sequence[int], lengths: Sequence[Sequence[int
 def split_half_tau(lengths: Sequence[Sequence[int]]) -> float:
     """Kendall's tau-b between the median of the first half of each prompt's samples and that of the rest, over
     prompts with at least two samples (NaN when fewer than two prompts have)."""
-    halves = [(statistics.median(ls[: len(ls) // 2]), statistics.median(ls[len(ls) // 2:]))
+    halves = [(percentile(ls[: len(ls) // 2], 50), percentile(ls[len(ls) // 2:], 50))
               for ls in lengths if len(ls) >= 2]
     if len(halves) < 2:
         return math.nan
-    return kendall_tau_b([float(a) for a, _ in halves], [float(b) for _, b in halves])
+    return kendall_tau_b([a for a, _ in halves], [b for _, b in halves])

@@ -1,11 +1,12 @@
 """`pdserve calibrate`: the simulator's `CostModel` fitted to step times measured on one vLLM engine on CPU.
 
-The shell around `fit`. The served model runs offline in one plain `vllm.LLM` in this process
-(`VLLM_ENABLE_V1_MULTIPROCESSING=0`), so that each `llm_engine.step()` call runs exactly one engine step while it
-lasts: an engine core in a process of its own steps ahead of its caller, and a call would time a queue read. The
-process and its OpenMP threads are bound to `--cores` (one core by default, as each served instance gets; see
-`engine`). fp32, eager, no prefix caching and no chunked prefill (every prompt is prefilled whole, in one step);
-prompts are distinct random token ids, so nothing could hit a cache anyway. A short warm-up runs unrecorded.
+The shell around `fit`. The served model runs offline in this process (`pdserve_tools.engine.offline_engine`,
+`in_process`), so that each `llm_engine.step()` call runs exactly one engine step while it lasts. The engine has
+the served engine's settings (`CalibrateConfig.engine`: an `EngineConfig` with its defaults, fp32, eager, its block
+size) sized for the batches asked for; the process and its OpenMP threads are bound to `--cores` (one core by
+default, as each served instance gets). No prefix caching and no chunked prefill (every prompt is prefilled whole,
+in one step); prompts are distinct random token ids, so nothing could hit a cache anyway. A short warm-up runs
+unrecorded.
 
 - Prefill: for each of `--prefill-tokens`, `--repeats` requests of that many tokens, one in the engine at a
   time, `max_tokens=1`; the engine time of the steps that run it (one: the prompt and its first token). Repeats
@@ -30,9 +31,7 @@ vLLM version and date. A progress bar goes to stderr, a table of measured agains
 from __future__ import annotations
 
 import argparse
-import os
 import random
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -41,6 +40,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from pdserve_tools.engine import offline_engine
 from pdserve_tools.sim.fit import (
     DecodePoint,
     Fit,
@@ -51,7 +51,9 @@ from pdserve_tools.sim.fit import (
     fit_prefill,
     prefill_row,
 )
-from worker.affinity import bind_process, parse_cores
+from pdserve_tools.stats import percentile
+from worker.affinity import parse_cores
+from worker.config import EngineConfig
 
 DEFAULT_MODEL = "smollm2-135m-instruct"  # the labeller's default: the project's small real model
 TRANSFER_GB_S = 2.92  # README "KV transfer": KV of real requests, layer-wise (the default), `pdserve bench transfer`
@@ -105,6 +107,14 @@ class CalibrateConfig:
     def max_model_len(self) -> int:
         return max(max(self.prefill_tokens) + 1, max(self.contexts) + self.max_tokens)
 
+    @property
+    def engine(self) -> EngineConfig:
+        """The served engine's arguments for `model`, sized to hold the largest decode batch in one step."""
+        batch = max(self.batches)
+        return EngineConfig(model=self.model, max_model_len=self.max_model_len, max_num_seqs=batch,
+                            max_num_batched_tokens=max(self.max_model_len, min(8192, batch * self.max_model_len)),
+                            kv_cache_gib=self.kv_cache_gib, seed=self.seed)
+
     def kv_tokens_needed(self, block_tokens: int) -> int:
         """KV tokens the largest decode batch may take, in whole blocks of `block_tokens`."""
         blocks = -(-(max(self.contexts) + self.max_tokens) // block_tokens)
@@ -118,43 +128,11 @@ class Measured:
     # -> (KV tokens held, seconds) of each timed step
 
     def prefill_points(self) -> list[PrefillPoint]:
-        return [PrefillPoint(n, statistics.median(s)) for n, s in self.prefill.items()]
+        return [PrefillPoint(n, percentile(s, 50)) for n, s in self.prefill.items()]
 
     def decode_points(self) -> list[DecodePoint]:
-        return [DecodePoint(b, round(statistics.median(c for c, _ in steps)), statistics.median(s for _, s in steps))
+        return [DecodePoint(b, round(percentile([c for c, _ in steps], 50)), percentile([s for _, s in steps], 50))
                 for (b, _), steps in self.decode.items()]
-
-
-def engine(config: CalibrateConfig) -> Any:
-    """The model in one in-process `vllm.LLM`; shut it down with `llm.llm_engine.engine_core.shutdown()`.
-
-    In-process, vLLM binds no threads (its CPU binding, `VLLM_CPU_OMP_THREADS_BIND`, is applied by the executor
-    that starts a worker process), so this process binds itself: every thread it has to `config.cores`, and
-    OpenMP to as many threads as cores (threads made later inherit the binding)."""
-    cores = parse_cores(config.cores)
-    if not cores <= os.sched_getaffinity(0):
-        raise ValueError(f"--cores {config.cores}: this process may run on {sorted(os.sched_getaffinity(0))} only")
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # step() is one engine step, run while it lasts
-    os.environ["OMP_NUM_THREADS"] = str(len(cores))  # read when torch loads, and by vLLM, which keeps it
-    import torch
-    from vllm import LLM
-
-    from pdserve.models import resolve_model
-
-    bind_process(cores)
-    torch.set_num_threads(len(cores))  # torch may have loaded before the variable was set
-    return LLM(
-        model=str(resolve_model(config.model)),
-        dtype="float32",
-        max_model_len=config.max_model_len,
-        max_num_seqs=max(config.batches),
-        max_num_batched_tokens=max(config.max_model_len, min(8192, max(config.batches) * config.max_model_len)),
-        kv_cache_memory_bytes=int(config.kv_cache_gib * 2**30),
-        enforce_eager=True,
-        seed=config.seed,
-        enable_prefix_caching=False,
-        enable_chunked_prefill=False,  # a prompt's prefill is one step, never split
-    )
 
 
 def _params(max_tokens: int) -> Any:
@@ -284,7 +262,7 @@ def document(config: CalibrateConfig, llm: Any, measured: Measured) -> dict[str,
         "transfer": {"kv_bytes_per_token": bytes_per_token, "gb_per_s": config.transfer_gb_s,
                      "source": TRANSFER_SOURCE},
         "kv": {"capacity_tokens": capacity, "cache_gib": config.kv_cache_gib},
-        "prefill_points": [{"tokens": n, "seconds": statistics.median(s), "repeats_s": s}
+        "prefill_points": [{"tokens": n, "seconds": percentile(s, 50), "repeats_s": s}
                            for n, s in measured.prefill.items()],
         "decode_points": [{"batch": b, "context_per_seq": c, "context_tokens": p.context_tokens,
                            "seconds": p.seconds, "steps": [{"context_tokens": k, "seconds": s} for k, s in steps]}
@@ -344,7 +322,7 @@ def main(args: argparse.Namespace) -> int:
         prefill_tokens=tuple(args.prefill_tokens), repeats=args.repeats, batches=tuple(args.batches),
         contexts=tuple(args.contexts), decode_steps=args.decode_steps,
         cores=args.cores, kv_cache_gib=args.kv_cache_gib, transfer_gb_s=args.transfer_gb_s, seed=args.seed)
-    llm = engine(config)
+    llm = offline_engine(config.engine, parse_cores(config.cores), in_process=True, prefix_caching=False)
     try:
         _kv(llm, config)  # a KV cache too small fails now, not after the prefill points
         warm_up(config, llm)

@@ -23,7 +23,8 @@ from tqdm import tqdm
 
 from pdserve_tools.sim.compare import DECODE_POLICIES, Goodput, Scenario, goodput, run_policy
 from pdserve_tools.sim.cost import CostModel
-from pdserve_tools.sim.report import Slo, Summary, table
+from pdserve_tools.sim.report import Summary, table
+from pdserve_tools.slo import Slo
 
 START_RPS_PER_INSTANCE = 8.0  # where the goodput search starts, per decode instance
 
@@ -55,7 +56,8 @@ def main(args: argparse.Namespace) -> int:
             "lengths": args.lengths, "length_pairs": len(first.lengths)}
     if args.rate is not None:
         rows = [_single(s, p, args.rate, args.requests) for s in scenarios for p in args.policy]
-        print(f"one run per policy at {args.rate:g} req/s; SLO TTFT {slo.ttft_s:g} s, TPOT {slo.tpot_s * 1e3:g} ms")
+        print(f"one run per policy at {args.rate:g} req/s; SLO TTFT {args.slo_ttft_s:g} s, "
+              f"TPOT {args.slo_tpot_ms:g} ms")
         print(table(rows))
         _write(args.out, {"mode": "single", "rate_rps": args.rate, **cost, "runs": [asdict(r) for r in rows]})
         return 0
@@ -68,11 +70,11 @@ def main(args: argparse.Namespace) -> int:
     found = [goodput(s, p, START_RPS_PER_INSTANCE * s.decode_instances, args.bisect_steps, tick)
              for s in scenarios for p in args.policy]
     bar.close()
-    print(f"goodput: the highest rate with >= 90% of requests within TTFT {slo.ttft_s:g} s and TPOT "
-          f"{slo.tpot_s * 1e3:g} ms; preemptions and TPOT p99 at that rate")
+    print(f"goodput: the highest rate with >= 90% of requests within TTFT {args.slo_ttft_s:g} s and TPOT "
+          f"{args.slo_tpot_ms:g} ms; preemptions and TPOT p99 at that rate")
     print(goodput_table(found))
-    _write(args.out, {"mode": "goodput", "slo": asdict(slo), **cost, "results": [_goodput_json(g) for g in found],
-                      "ratios": ratios(found)})
+    _write(args.out, {"mode": "goodput", "slo": {"ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s}, **cost,
+                      "results": [_goodput_json(g) for g in found], "ratios": ratios(found)})
     return 0
 
 

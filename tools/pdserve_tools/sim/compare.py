@@ -13,17 +13,20 @@ p99 TPOT.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from pdserve_tools.sim.cost import CostModel
 from pdserve_tools.sim.goodput import highest_passing
-from pdserve_tools.sim.report import Slo, Summary, summarize
+from pdserve_tools.sim.report import DEFAULT_SLO, Summary, summarize
 from pdserve_tools.sim.simulator import SimConfig, run
 from pdserve_tools.sim.workload import WorkloadConfig
-from router.kv_placement import LeastKv, MaxTokensWeighted, ProjectedKv
-from router.policy import LeastOutstanding, Policy, RoundRobin
-from router.prefill_placement import PrefixAffinity
+from pdserve_tools.slo import Slo
+from router.placement import Policy
+from router.placement.kv import LeastKv, MaxTokensWeighted, ProjectedKv
+from router.placement.load import LeastOutstanding, RoundRobin
+from router.placement.prefix import PrefixAffinity
 
 DECODE_POLICIES: dict[str, Callable[[], Policy]] = {
     "round_robin": RoundRobin,
@@ -39,7 +42,7 @@ class Scenario:
     decode_instances: int
     kv_capacity_tokens: int = 24_000
     seconds: float = 20.0  # arrival window of one run, in simulated seconds
-    slo: Slo = field(default_factory=Slo)
+    slo: Slo = DEFAULT_SLO
     target: float = 0.9  # share of requests that must meet both SLOs
     seed: int = 1
     cost: CostModel = field(default_factory=CostModel)  # engine times; its KV capacity is replaced by the above
@@ -54,7 +57,7 @@ class Scenario:
         workload = WorkloadConfig(requests=count, rate_rps=rate_rps, lengths=self.lengths, seed=self.seed)
         return SimConfig(workload, replace(self.cost, kv_capacity_tokens=self.kv_capacity_tokens),
                          prefill_instances=max(1, self.decode_instances // 2), decode_instances=self.decode_instances,
-                         hold_timeout_s=self.slo.ttft_s)
+                         hold_timeout_s=math.inf if self.slo.ttft_s is None else self.slo.ttft_s)
 
 
 def run_policy(scenario: Scenario, policy: str, rate_rps: float, requests: int | None = None,

@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 
 from pdserve_tools.sim.cost import CostModel
 from pdserve_tools.sim.workload import SimRequest
-from router.instance import InstanceSnapshot, RequestLoad
-from router.kv_placement import EMPTY_PROFILE, KvProfile, kv_profile
+from router.placement import InstanceSnapshot, RequestLoad
+from router.placement.kv import EMPTY_PROFILE, KvProfile, kv_profile
 from router.predictor.prediction import remaining
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from pdserve_tools.sim.cost import CostModel
 from pdserve_tools.sim.workload import SimRequest
-from router.instance import InstanceSnapshot
+from router.placement import InstanceSnapshot
 
 
 @dataclass(slots=True)

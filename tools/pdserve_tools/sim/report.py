@@ -1,8 +1,9 @@
 """Per-request timings and a per-policy summary from a `SimResult`. Pure.
 
-TTFT runs from arrival to the first token (prefill done); TPOT is the mean time per output token after the
-first ((e2e - TTFT) / (tokens - 1), requests of two tokens or more); goodput counts requests served within
-both SLOs per second of simulated time.
+TTFT runs from arrival to the first token (prefill done), E2E to the last; TPOT and the SLO test are
+`pdserve_tools.slo`'s (a one-token request has no TPOT, and meets any TPOT objective); percentiles are
+`pdserve_tools.stats.percentile`. Goodput counts requests served within `slo` (by default `DEFAULT_SLO`) per
+second of simulated time.
 """
 
 from __future__ import annotations
@@ -11,12 +12,10 @@ import math
 from dataclasses import dataclass
 
 from pdserve_tools.sim.simulator import SimResult
+from pdserve_tools.slo import Slo, tpot
+from pdserve_tools.stats import percentile
 
-
-@dataclass(frozen=True, slots=True)
-class Slo:
-    ttft_s: float = 2.0
-    tpot_s: float = 0.05
+DEFAULT_SLO = Slo(ttft_s=2.0, tpot_s=0.05)
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,36 +36,30 @@ class Summary:
     wall_s: float
 
 
-def quantile(values: list[float], q: float) -> float:
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-def timings(result: SimResult) -> tuple[list[float], list[float], list[float]]:
-    """Per served request: TTFT, TPOT (nan for one-token outputs) and end-to-end latency, in rid order."""
-    ttft, tpot, e2e = [], [], []
+def timings(result: SimResult) -> tuple[list[float], list[float | None], list[float]]:
+    """Per served request: TTFT, TPOT (None for one-token outputs) and end-to-end latency, in rid order."""
+    ttfts: list[float] = []
+    tpots: list[float | None] = []
+    e2es: list[float] = []
     for req in result.requests:
         end = result.finished_at[req.rid]
         if math.isnan(end):
             continue
-        first = result.first_token_at[req.rid] - req.arrival
-        ttft.append(first)
-        e2e.append(end - req.arrival)
-        tpot.append((end - req.arrival - first) / (req.output_tokens - 1) if req.output_tokens > 1 else math.nan)
-    return ttft, tpot, e2e
+        ttft, e2e = result.first_token_at[req.rid] - req.arrival, end - req.arrival
+        ttfts.append(ttft)
+        tpots.append(tpot(ttft, e2e, req.output_tokens))
+        e2es.append(e2e)
+    return ttfts, tpots, e2es
 
 
-def summarize(policy: str, result: SimResult, slo: Slo | None = None) -> Summary:
-    slo = slo or Slo()
-    ttft, tpot, e2e = timings(result)
-    good = sum(1 for a, b in zip(ttft, tpot, strict=True) if a <= slo.ttft_s and (math.isnan(b) or b <= slo.tpot_s))
+def summarize(policy: str, result: SimResult, slo: Slo = DEFAULT_SLO) -> Summary:
+    ttfts, tpots, e2es = timings(result)
+    good = sum(map(slo.met, ttfts, tpots, e2es))
     span = max((t for t in result.finished_at if not math.isnan(t)), default=0.0)
-    tpots = [t for t in tpot if not math.isnan(t)]
+    some = [t for t in tpots if t is not None]
     return Summary(
-        policy, len(ttft), result.rejected, quantile(ttft, 0.5), quantile(ttft, 0.99), quantile(tpots, 0.5),
-        quantile(tpots, 0.99), quantile(e2e, 0.5), quantile(e2e, 0.99), good / max(len(result.requests), 1),
+        policy, len(ttfts), result.rejected, percentile(ttfts, 50), percentile(ttfts, 99), percentile(some, 50),
+        percentile(some, 99), percentile(e2es, 50), percentile(e2es, 99), good / max(len(result.requests), 1),
         good / span if span > 0 else 0.0, result.preemptions, result.truncations, result.wall_s,
     )
 

@@ -23,9 +23,7 @@ from pdserve_tools.sim.decode import DecodeState, Seq
 from pdserve_tools.sim.prefill import PrefillState
 from pdserve_tools.sim.workload import BLOCK_TOKENS, SimRequest, WorkloadConfig, generate
 from router.admission import BoundedQueue
-from router.instance import InstanceSnapshot
-from router.placement import Placement
-from router.policy import Policy
+from router.placement import InstanceSnapshot, Placement, Policy
 
 ARRIVE, PREFILL_DONE, KV_LANDED, DECODE_DONE = 0, 1, 2, 3
 PROGRESS_EVERY = 10_000

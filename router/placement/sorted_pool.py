@@ -9,7 +9,7 @@ from itertools import compress
 from operator import is_not
 from typing import Generic, TypeVar
 
-from router.instance import InstanceSnapshot
+from router.placement.snapshot import InstanceSnapshot
 
 T = TypeVar("T")
 

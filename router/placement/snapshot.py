@@ -5,9 +5,9 @@ out of placement, and `profile`); their defaults mean "not reported", so a snaps
 four fields still works with every policy. `kv_capacity_tokens == 0` means the capacity is unknown (no instance
 is filtered out for lack of KV memory).
 
-`profile` is an optional precomputed summary of `running` (`kv_placement.KvProfile`): a publisher that keeps its
-load in other forms (the simulator) sets it and may leave `running` empty; policies then read the profile and
-never rebuild it per pick. When both are set they must describe the same requests.
+`profile` is an optional precomputed summary of `running` (`router.placement.kv.KvProfile`): a publisher that
+keeps its load in other forms (the simulator) sets it and may leave `running` empty; policies then read the
+profile and never rebuild it per pick. When both are set they must describe the same requests.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from router.kv_placement import KvProfile
+    from router.placement.kv import KvProfile
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,13 +33,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from itertools import accumulate, islice
 from operator import add, attrgetter, itemgetter, mul, neg
-from typing import TypeVar
+from typing import ClassVar, TypeVar
 
 from common.errors import Overloaded
-from router.instance import InstanceSnapshot, RequestLoad
-from router.placement import EMPTY, Placement
-from router.policy import eligible
-from router.sorted_pool import SortedPool
+from common.roles import Role
+from router.placement.policy import DECODE_ROLES, Need, eligible
+from router.placement.query import EMPTY, Placement
+from router.placement.snapshot import InstanceSnapshot, RequestLoad
+from router.placement.sorted_pool import SortedPool
 
 Score = tuple[float, ...]  # lower is better
 Key = TypeVar("Key", float, Score)
@@ -153,7 +154,9 @@ class ProjectedKv:
     """Most headroom at the projected peak; refuses (Overloaded) when the request fits nowhere."""
 
     step_s_estimate: float = 0.03  # seconds per decode step, only to turn steps into a retry hint
-    name: str = "projected_kv"
+    name: ClassVar[str] = "projected_kv"
+    places: ClassVar[frozenset[Role]] = DECODE_ROLES
+    needs: ClassVar[frozenset[Need]] = frozenset({Need.LOAD, Need.KV})
     _turn: int = 0
     _pool: SortedPool[Entry] = field(default_factory=lambda: SortedPool(_by_headroom))
     _refused: tuple[int, int] | None = None  # (tokens, steps) of the last pick's request, when it was refused
@@ -251,7 +254,9 @@ def _reserved_share(s: InstanceSnapshot) -> tuple[float, None]:
 class LeastKv:
     """Baseline: the lowest share of KV capacity in use now (tokens when capacity is unknown); no projection."""
 
-    name: str = "least_kv"
+    name: ClassVar[str] = "least_kv"
+    places: ClassVar[frozenset[Role]] = DECODE_ROLES
+    needs: ClassVar[frozenset[Need]] = frozenset({Need.LOAD, Need.KV})
     _turn: int = 0
     _pool: SortedPool[None] = field(default_factory=lambda: SortedPool(_kv_share))
 
@@ -265,7 +270,9 @@ class LeastKv:
 class MaxTokensWeighted:
     """Baseline: the least KV if every request ran to its max_tokens (what a length-blind reservation sees)."""
 
-    name: str = "max_tokens_weighted"
+    name: ClassVar[str] = "max_tokens_weighted"
+    places: ClassVar[frozenset[Role]] = DECODE_ROLES
+    needs: ClassVar[frozenset[Need]] = frozenset({Need.LOAD, Need.KV})
     _turn: int = 0
     _pool: SortedPool[None] = field(default_factory=lambda: SortedPool(_reserved_share))
 

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import ClassVar
 
-from router.instance import InstanceSnapshot
-from router.placement import EMPTY, Placement
-from router.policy import eligible
-from router.sorted_pool import SortedPool
+from common.roles import Role
+from router.placement.policy import ANY_ROLE, Need, eligible
+from router.placement.query import EMPTY, Placement
+from router.placement.snapshot import InstanceSnapshot
+from router.placement.sorted_pool import SortedPool
 
 
 def cached_tokens(placement: Placement, cached: frozenset[int]) -> int:
@@ -43,7 +45,12 @@ def _by_queue(s: InstanceSnapshot) -> tuple[float, InstanceSnapshot]:
 
 @dataclass(slots=True)
 class PrefixAffinity:
-    name: str = "prefix_affinity"
+    """Least prompt work before this request's first token: queued prefill tokens plus what it does not cache."""
+
+    name: ClassVar[str] = "prefix_affinity"
+    # Any role: `router.policy` accepts it too, and on decode instances (no prefill queue) it takes turns.
+    places: ClassVar[frozenset[Role]] = ANY_ROLE
+    needs: ClassVar[frozenset[Need]] = frozenset({Need.LOAD, Need.PREFILL_QUEUE, Need.PREFIXES})
     _turn: int = 0
     _pool: SortedPool[InstanceSnapshot] = field(default_factory=lambda: SortedPool(_by_queue))
 

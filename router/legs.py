@@ -1,0 +1,73 @@
+"""`Legs`: a request's legs on the workers, and its resumption when a worker is lost.
+
+A leg places the rest of the request on a decode (colocated mode: a colocated) instance through the hold queue,
+then runs it there whole, or hands it off (`Disaggregated`: prefill elsewhere, then decode there) when the
+router disaggregates, the context is long enough and some prefill instance is there. The instance holds the
+request from placement until the leg ends, however it ends.
+
+A leg whose worker is lost (`WorkerLost`) takes that instance out of the pool, and the request resumes on
+another instance from the prompt plus every token the client already has (greedy output is unchanged by the
+move): at most `MAX_RESUMES` times, after which it fails with `EngineFailure`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from common.errors import EngineFailure
+from common.roles import Role
+from router.delta import Delta
+from router.handoff import Disaggregated
+from router.hold import HoldQueue
+from router.metrics import RouterMetrics
+from router.run import Run
+from router.stream import Streams, WorkerLost
+
+log = logging.getLogger(__name__)
+
+MAX_RESUMES = 2  # lost workers a request survives
+
+
+class Legs:
+    def __init__(self, hold: HoldQueue, streams: Streams, disaggregated: Disaggregated | None,
+                 metrics: RouterMetrics) -> None:
+        self.hold = hold
+        self.streams = streams
+        self.disaggregated = disaggregated  # None: colocated mode
+        self.metrics = metrics
+
+    async def run(self, run: Run) -> AsyncIterator[Delta]:
+        """The run's deltas, over as many legs as lost workers make it take."""
+        while True:
+            try:
+                async for delta in self._leg(run):
+                    yield delta
+                return
+            except WorkerLost as lost:
+                lost.instance.healthy = False
+                if run.legs > MAX_RESUMES:
+                    raise EngineFailure(f"{run.legs} workers failed under the request: {lost}") from None
+                self.metrics.resumed.inc()
+                log.warning("request %s resumes after %s", run.request.request_id, lost)
+
+    async def _leg(self, run: Run) -> AsyncIterator[Delta]:
+        """The run's next leg: all of it, or what is left of it after a lost worker."""
+        run.legs += 1
+        run.prefill_instance = ""
+        d = self.disaggregated
+        handoff = d is not None and d.applies(run)
+        # Colocated mode, short prompts, and every prefill instance lost: the request runs whole on one instance.
+        instance = await self.hold.place(Role.DECODE if d is not None else Role.COLOCATED, run)
+        try:
+            if handoff:
+                assert d is not None
+                deltas = d.leg(run, instance)
+            else:
+                run.clock.dispatched = run.clock.dispatched or time.monotonic()
+                deltas = self.streams.stream(run, instance)
+            async for delta in deltas:
+                yield delta
+        finally:
+            self.hold.release(instance, run)
