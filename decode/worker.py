@@ -17,12 +17,11 @@ import dataclasses
 from collections.abc import AsyncIterator
 from typing import Any
 
-from common.channel import fields
 from common.results import EngineChunk
 from common.sampling import SamplingSpec
 from kv_transfer.config import ConnectorSettings, TransferConfig
 from kv_transfer.params import from_params
-from worker.channel_server import Call, Handler
+from worker.channel_server import Handler
 from worker.engine import Engine, KVRole
 from worker.host import EngineHost
 
@@ -36,20 +35,12 @@ def consumer_role(instance_id: str, transfer: TransferConfig) -> KVRole:
 
 class DecodeWorker(EngineHost):
     def handlers(self) -> dict[str, Handler]:
-        return {"Generate": self._generate_call}
+        return {"Generate": self.generate_call}
 
     async def _started(self, engine: Engine) -> None:
         if self._kv is not None:  # where prefill workers send this engine KV
             address = await engine.control("pdkv_address")
             engine.info = dataclasses.replace(engine.info, kv_address=str(address))
-
-    async def _generate_call(self, call: Call) -> AsyncIterator[dict[str, Any]]:
-        finished = False
-        async for chunk in self.generate(call.request_id, call.prompt_token_ids, call.sampling, call.kv_params):
-            finished = chunk.finish_reason is not None
-            yield {"chunk": fields(chunk)}
-        if not finished:
-            yield {"end": True}
 
     async def generate(
         self,

@@ -53,7 +53,8 @@ def first_token_result(tokens: list[int], finish_reason: str | None, queue: floa
 
 class PrefillWorker(EngineHost):
     def handlers(self) -> dict[str, Handler]:
-        return {"Prefill": self._prefill_call}
+        # Whole requests too: when every decode instance is lost, the router finishes its requests here.
+        return {"Prefill": self._prefill_call, "Generate": self.generate_call}
 
     async def _prefill_call(self, call: Call) -> AsyncIterator[dict[str, Any]]:
         if call.kv_params is None:

@@ -2,8 +2,9 @@
 
 A leg places the rest of the request on a decode (colocated mode: a colocated) instance through the hold queue,
 then runs it there whole, or hands it off (`Disaggregated`: prefill elsewhere, then decode there) when the
-router disaggregates, the context is long enough and some prefill instance is there. The instance holds the
-request from placement until the leg ends, however it ends.
+router disaggregates, the context is long enough and some prefill instance is there. With every decode instance
+lost, the leg runs whole on a prefill instance, so the layout of one decode instance survives its death. The
+instance holds the request from placement until the leg ends, however it ends.
 
 A leg whose worker is lost (`WorkerLost`) takes that instance out of the pool, and the request resumes on
 another instance from the prompt plus every token the client already has (greedy output is unchanged by the
@@ -52,14 +53,26 @@ class Legs:
                 self.metrics.resumed.inc()
                 log.warning("request %s resumes after %s", run.request.request_id, lost)
 
+    def _role(self) -> Role:
+        """The pool the next leg is placed in: decode (colocated mode: colocated); when every decode instance is
+        lost, a prefill instance, which runs the rest whole until a decode instance is back."""
+        if self.disaggregated is None:
+            return Role.COLOCATED
+        registry = self.hold.registry
+        if not registry.placeable(Role.DECODE) and registry.placeable(Role.PREFILL):
+            return Role.PREFILL
+        return Role.DECODE
+
     async def _leg(self, run: Run) -> AsyncIterator[Delta]:
         """The run's next leg: all of it, or what is left of it after a lost worker."""
         run.legs += 1
         run.prefill_instance = ""
         d = self.disaggregated
-        handoff = d is not None and d.applies(run)
-        # Colocated mode, short prompts, and every prefill instance lost: the request runs whole on one instance.
-        instance = await self.hold.place(Role.DECODE if d is not None else Role.COLOCATED, run)
+        role = self._role()
+        handoff = d is not None and role == Role.DECODE and d.applies(run)
+        # Colocated mode, short prompts, every prefill instance lost, or every decode instance lost: the request
+        # runs whole on one instance.
+        instance = await self.hold.place(role, run)
         try:
             if handoff:
                 assert d is not None

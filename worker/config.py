@@ -1,8 +1,9 @@
-"""`EngineConfig`: one vLLM engine's arguments, as every worker builds its engine."""
+"""`EngineConfig`: one vLLM engine's settings, and `engine_args`: the vLLM arguments every engine is built with."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -38,3 +39,19 @@ class EngineConfig:
             raise ValueError(f"engine.kv_cache_gib must be > 0, got {self.kv_cache_gib}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"engine.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+
+
+def engine_args(config: EngineConfig, model_dir: str) -> dict[str, Any]:
+    """The vLLM engine arguments every pdserve engine shares (served or offline), as keyword arguments of
+    `AsyncEngineArgs` / `LLM`."""
+    return {
+        "model": model_dir,
+        "dtype": config.dtype,
+        "max_model_len": config.max_model_len,
+        "max_num_seqs": config.max_num_seqs,
+        "max_num_batched_tokens": config.max_num_batched_tokens,
+        "block_size": config.block_size,
+        "seed": config.seed,
+        "enforce_eager": not config.compile,
+        "kv_cache_memory_bytes": int(config.kv_cache_gib * 2**30),
+    }

@@ -19,7 +19,7 @@ from typing import Any
 from common.results import EngineChunk, EngineInfo, EngineStats
 from common.sampling import SamplingSpec
 from kv_transfer.config import ConnectorSettings
-from worker.config import EngineConfig
+from worker.config import EngineConfig, engine_args
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,15 +108,7 @@ class Engine:
             )
 
         args = AsyncEngineArgs(
-            model=str(model_dir),
-            dtype=config.dtype,  # type: ignore[arg-type]
-            max_model_len=config.max_model_len,
-            max_num_seqs=config.max_num_seqs,
-            max_num_batched_tokens=config.max_num_batched_tokens,
-            block_size=config.block_size,
-            seed=config.seed,
-            enforce_eager=not config.compile,
-            kv_cache_memory_bytes=int(config.kv_cache_gib * 2**30),
+            **engine_args(config, str(model_dir)),
             enable_log_requests=False,
             kv_transfer_config=kv_config,
             worker_extension_cls="kv_transfer.control.KVControl" if kv is not None else "",

@@ -11,15 +11,19 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import ray
 
-from common.results import EngineInfo, EngineStats
+from common.channel import fields
+from common.results import EngineChunk, EngineInfo, EngineStats
+from common.sampling import SamplingSpec
 from kv_transfer.transport import SECRET_ENV
 from worker.affinity import bind_process
 from worker.binding import Binding
-from worker.channel_server import ChannelServer, Handler, serve
+from worker.channel_server import Call, ChannelServer, Handler, serve
 from worker.config import EngineConfig
 from worker.engine import Engine, KVRole
 
@@ -70,6 +74,21 @@ class EngineHost:
             if binding is not None and binding.spare_cores:
                 bind_process(set(binding.spare_cores))
         return self._engine.info
+
+    async def generate_call(self, call: Call) -> AsyncIterator[dict[str, Any]]:
+        """The `Generate` method: one `{"chunk"}` frame per engine step, the last with a finish reason, or
+        `{"end": true}` when the engine ended the request without one."""
+        finished = False
+        async for chunk in self.generate(call.request_id, call.prompt_token_ids, call.sampling, call.kv_params):
+            finished = chunk.finish_reason is not None
+            yield {"chunk": fields(chunk)}
+        if not finished:
+            yield {"end": True}
+
+    def generate(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingSpec,
+                 kv_params: dict[str, Any] | None = None) -> AsyncIterator[EngineChunk]:
+        """The request's tokens, one chunk per engine step (the whole request on this engine)."""
+        return self._ready().generate(request_id, prompt_token_ids, sampling, kv_params)
 
     def _ready(self) -> Engine:
         if self._engine is None:

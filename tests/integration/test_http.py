@@ -7,7 +7,6 @@ or while it waits for a whole response, stops its request in the engines.
 
 from __future__ import annotations
 
-import contextlib
 import http.client
 import json
 import time
@@ -245,14 +244,12 @@ def test_every_serving_error_has_its_http_status(error, status, code):
     assert reply.headers.get("retry-after") == ("3" if status == 429 else None)
 
 
-def _raw_post(port: int, head: bytes, body: bytes) -> tuple[int, dict]:
-    """Sends a request's head and as much of `body` as the server reads; its status and JSON body."""
+def _raw_post(port: int, request: bytes) -> tuple[int, dict]:
+    """Sends `request` (a head and what of a body the server reads before it answers); its status and JSON body."""
     import socket
 
     with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
-        sock.sendall(head)
-        with contextlib.suppress(OSError):  # the server may answer and close before it has read everything
-            sock.sendall(body)
+        sock.sendall(request)
         reply = b""
         while chunk := sock.recv(65536):
             reply += chunk
@@ -263,15 +260,18 @@ def _raw_post(port: int, head: bytes, body: bytes) -> tuple[int, dict]:
 def test_a_body_over_the_limit_is_413_by_its_length_or_as_it_streams(deployment):
     from router.http_server import MAX_BODY_BYTES
 
-    big = b"x" * (MAX_BODY_BYTES + 1)
+    # Declared too long: refused on the head alone, before a byte of the body is sent.
     head = (f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(big)}\r\nConnection: close\r\n\r\n").encode()
-    status, body = _raw_post(deployment.http_port, head, big)
+            f"Content-Length: {MAX_BODY_BYTES + 1}\r\nConnection: close\r\n\r\n").encode()
+    status, body = _raw_post(deployment.http_port, head)
     assert status == 413 and body["error"]["code"] == "body_too_large"
+    # No declared length: refused once the chunks pass the limit. The last chunk sent is the one byte that does, so
+    # the server has read all that was sent when it answers (else it would reset the connection, not close it).
     chunked = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n")
-    pieces = b"".join(b"%x\r\n%s\r\n" % (1 << 20, b"x" * (1 << 20)) for _ in range(9)) + b"0\r\n\r\n"
-    status, body = _raw_post(deployment.http_port, chunked, pieces)
+    mib = 1 << 20
+    chunks = b"".join(b"%x\r\n%s\r\n" % (mib, b"x" * mib) for _ in range(MAX_BODY_BYTES // mib)) + b"1\r\nx\r\n"
+    status, body = _raw_post(deployment.http_port, chunked + chunks)
     assert status == 413 and body["error"]["code"] == "body_too_large"
 
 

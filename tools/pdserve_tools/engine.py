@@ -25,7 +25,7 @@ import os
 from typing import Any
 
 from worker.affinity import bind_process
-from worker.config import EngineConfig
+from worker.config import EngineConfig, engine_args
 
 
 def offline_engine(config: EngineConfig, cores: set[int] | None = None, in_process: bool = False,
@@ -52,15 +52,7 @@ def offline_engine(config: EngineConfig, cores: set[int] | None = None, in_proce
         bind_process(cores)
         torch.set_num_threads(len(cores))  # torch may have loaded before OMP_NUM_THREADS was set
     return LLM(
-        model=str(resolve_model(config.model)),
-        dtype=config.dtype,  # type: ignore[arg-type]  # EngineConfig checks it is one of vLLM's names
-        max_model_len=config.max_model_len,
-        max_num_seqs=config.max_num_seqs,
-        max_num_batched_tokens=config.max_num_batched_tokens,
-        block_size=config.block_size,
-        seed=config.seed,
-        enforce_eager=not config.compile,
-        kv_cache_memory_bytes=int(config.kv_cache_gib * 2**30),
+        **engine_args(config, str(resolve_model(config.model))),
         enable_chunked_prefill=False,
         enable_prefix_caching=prefix_caching,
     )
