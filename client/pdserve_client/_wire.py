@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
+from pdserve_client.errors import InvalidArgument
 from pdserve_client.types import Chunk, Final, PhaseTimings, ServerInfo
 from pdserve_client.v1 import pdserve_pb2 as pb
 
@@ -33,6 +35,36 @@ class Sampling:
 
 Prompt = str | Sequence[dict[str, str]] | Sequence[int]
 
+_U32, _U64 = 2**32 - 1, 2**64 - 1
+
+
+def _whole(field: str, value: object, low: int, high: int) -> int:
+    """`value` as an int in [low, high], else `InvalidArgument` naming the field and the range."""
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise InvalidArgument(f"{field} must be a whole number in [{low}, {high}], got {value!r}")
+    return value
+
+
+def _finite(field: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InvalidArgument(f"{field} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def check_sampling(sampling: Sampling) -> None:
+    """What the wire can carry, checked before anything is sent (the server checks the ranges it accepts)."""
+    _whole("max_tokens", sampling.max_tokens, 1, _U32)
+    if sampling.temperature is not None:
+        _finite("temperature", sampling.temperature)
+    if sampling.top_p is not None:
+        _finite("top_p", sampling.top_p)
+    if sampling.top_k is not None:
+        _whole("top_k", sampling.top_k, 0, _U32)
+    if sampling.seed is not None:
+        _whole("seed", sampling.seed, 0, _U64)
+    for i, t in enumerate(sampling.stop_token_ids):
+        _whole(f"stop_token_ids[{i}]", t, 0, _U32)
+
 
 def build_request(prompt: Prompt, sampling: Sampling, model: str = "", request_id: str = "") -> pb.GenerateRequest:
     """A str is raw text, a list of {"role", "content"} dicts is a chat, a list of ints is token ids."""
@@ -45,7 +77,8 @@ def build_request(prompt: Prompt, sampling: Sampling, model: str = "", request_i
             for m in prompt
         )
     else:
-        request.prompt_token_ids.ids.extend(int(t) for t in prompt)  # type: ignore[arg-type]
+        request.prompt_token_ids.ids.extend(_whole(f"prompt[{i}]", t, 0, _U32) for i, t in enumerate(prompt))
+    check_sampling(sampling)
     s = request.sampling
     s.max_tokens = sampling.max_tokens
     if sampling.temperature is not None:
