@@ -27,6 +27,12 @@ class InvalidArgument(ServeError):
     status = "INVALID_ARGUMENT"
 
 
+class AlreadyExists(ServeError):
+    """A request under the key of one still running, that is not resuming it."""
+
+    status = "ALREADY_EXISTS"
+
+
 class ModelNotFound(ServeError):
     status = "NOT_FOUND"
 

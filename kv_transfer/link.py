@@ -209,11 +209,21 @@ class Listener(Generic[Address]):
 
     def accept(self, timeout: float) -> Link:
         """The next peer that proves the cluster secret; `AuthFailed` for one that does not (call again)."""
+        return self.handshake(self.accept_connection(timeout))
+
+    def accept_connection(self, timeout: float) -> socket.socket:
+        """The next connection, not yet authenticated: pass it to `handshake` (on another thread, so a peer that
+        says nothing cannot hold up the ones behind it)."""
         self._sock.settimeout(timeout)
         try:
             conn, _ = self._sock.accept()
         except TimeoutError as exc:
             raise TransportTimeout(f"no peer connected within {timeout:g}s") from exc
+        return conn
+
+    def handshake(self, conn: socket.socket) -> Link:
+        """Authenticate an accepted connection (within the handshake timeout) and build its link; the connection is
+        closed if that fails."""
         return establish(conn, self._setup, dialer=False)
 
     def close(self) -> None:

@@ -1,10 +1,12 @@
 """`Receiver`: the decode worker's incoming KV: its listeners, one link per prefill instance, and the loads.
 
 Prefill workers dial the receiver's `address` (one route per listener: shared memory, tcp; see
-`kv_transfer.address`) and prove the cluster secret. Links are fenced by epoch: a link from a newer incarnation
-of an instance replaces the old one (closed), and a link from an older incarnation than one already seen is
-refused. A link that went down holding nothing (its peer hung up: a start-up probe, a prefill worker that
-restarted) is closed and forgotten at the next accept tick.
+`kv_transfer.address`) and prove the cluster secret. Each new connection authenticates on its own thread within
+the handshake timeout, so peers that connect and say nothing never hold up a real one; at most `MAX_HANDSHAKES`
+authenticate at once and connections beyond that are closed on arrival. Links are fenced by epoch: a link from a
+newer incarnation of an instance replaces the old one (closed), and a link from an older incarnation than one
+already seen is refused. A link that went down holding nothing (its peer hung up: a start-up probe, a prefill
+worker that restarted) is closed and forgotten at the next accept tick.
 
 The prefill usually finishes before the router asks the decode engine for the request, so a request's layers
 mostly arrive before their destination is known: they wait in the link's stash, the receive buffer, bounded
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import queue
+import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -35,6 +38,7 @@ from kv_transfer.params import RecvSpec, layer_key
 from kv_transfer.transport import TransportError, TransportTimeout
 
 ACCEPT_POLL_S = 0.5  # how often the accept loop looks whether it should stop
+MAX_HANDSHAKES = 16  # connections authenticating at once, per receiver; more are closed on arrival
 
 
 @dataclass(slots=True)
@@ -64,6 +68,7 @@ class Receiver:
         self._done: queue.SimpleQueue[Landed] = queue.SimpleQueue()
         self._pool = ThreadPoolExecutor(max_workers=max_loads, thread_name_prefix="pdkv-load")
         self._pending = 0
+        self._handshakes = 0  # connections accepted and still authenticating
         self._accepters = [threading.Thread(target=self._accept_loop, args=(listener,), name="pdkv-accept",
                                             daemon=True) for listener in self._listeners]
         for accepter in self._accepters:
@@ -173,15 +178,36 @@ class Receiver:
             self.expire()
             self._forget_dead_links()
             try:
-                link = listener.accept(timeout=ACCEPT_POLL_S)
+                conn = listener.accept_connection(timeout=ACCEPT_POLL_S)
             except TransportError:
-                continue  # nobody came, or a peer without the secret: keep listening
+                continue  # nobody came: keep listening
             except OSError:
                 return  # the listener was closed
-            self._admit(link)
+            with self._changed:
+                full = self._handshakes >= MAX_HANDSHAKES
+                if not full:
+                    self._handshakes += 1
+            if full:  # that many peers that have not proved the secret yet: this one is turned away at once
+                conn.close()
+                continue
+            threading.Thread(target=self._handshake, args=(listener, conn), name="pdkv-handshake",
+                             daemon=True).start()
+
+    def _handshake(self, listener: Listener[Any], conn: socket.socket) -> None:
+        try:
+            link = listener.handshake(conn)
+        except (TransportError, OSError):
+            return  # a peer without the secret, or one that said nothing within the handshake timeout
+        finally:
+            with self._changed:
+                self._handshakes -= 1
+        self._admit(link)
 
     def _admit(self, link: Link) -> None:
         peer = link.peer
+        if self._stop.is_set():
+            link.close()
+            return
         with self._changed:
             try:
                 self._epochs.admit(peer)

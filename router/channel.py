@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from common.channel import INTERNAL, ChannelError, call_message, frame, read_frame
+from common.channel import INTERNAL, MAX_PROOF_FRAME, NONCE_BYTES, ChannelError, call_message, frame, proof, read_frame
 from common.errors import EngineFailure
 from common.results import EngineChunk, PrefillResult
 from common.sampling import SamplingSpec
@@ -51,14 +51,36 @@ class _Connection:
             if self.closed:  # cancelled while connecting
                 stream[1].transport.abort()
                 raise EngineFailure("the call was cancelled")
+            self._stream = stream
+            await self._answer_challenge()
         self._stream = stream
         stream[1].write(frame(self._hello))
         return stream
 
-    async def read(self) -> dict[str, Any]:
-        reader, _ = self._stream or await self.open()
+    async def _answer_challenge(self) -> None:
+        """A new connection: the worker's nonce in, our proof of the secret out (never the secret itself)."""
+        message = await self._read(MAX_PROOF_FRAME)
+        nonce = message.get("nonce")
         try:
-            message = await read_frame(reader)
+            raw = bytes.fromhex(nonce) if isinstance(nonce, str) else b""
+        except ValueError:
+            raw = b""
+        if len(raw) != NONCE_BYTES:
+            self.close()
+            raise WorkerGone(f"the worker at {self._channel.address} sent {message!r} instead of a challenge")
+        assert self._stream is not None
+        self._stream[1].write(frame({"proof": proof(self._channel._secret, raw)}))
+
+    async def read(self) -> dict[str, Any]:
+        if self._stream is None:
+            await self.open()
+        return await self._read()
+
+    async def _read(self, limit: int | None = None) -> dict[str, Any]:
+        assert self._stream is not None
+        reader = self._stream[0]
+        try:
+            message = await read_frame(reader) if limit is None else await read_frame(reader, limit=limit)
         except (OSError, asyncio.IncompleteReadError, ChannelError, ValueError) as e:
             if self.closed:  # our own cancel() broke it
                 raise EngineFailure("the call was cancelled") from None
@@ -129,7 +151,7 @@ class WorkerChannel:
             stream[1].transport.abort()
 
     def _connection(self, method: str, call: dict[str, Any]) -> _Connection:
-        return _Connection(self, {"secret": self._secret, "method": method, "call": call})
+        return _Connection(self, {"method": method, "call": call})
 
     def generate(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingSpec,
                  kv_params: dict[str, Any] | None = None) -> ChunkStream:

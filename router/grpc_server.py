@@ -3,17 +3,20 @@
 Errors of the serving path (`ServeError`) become their gRPC status here, once. A request that protobuf
 cannot parse (a string field with invalid UTF-8, say) gets INVALID_ARGUMENT rather than gRPC's generic
 INTERNAL: the handlers are registered with a deserializer that reports the failure to the handler.
-A client's `request_id` names its stream; a request resent under the key of a stream still running takes
-the key over and the older stream ends with ABORTED. Standard health checking and reflection are served beside
+A client's `request_id` names its stream; a request under the key of a stream still running is refused with
+ALREADY_EXISTS (the running one goes on), unless it resumes that stream (it carries `resume_token_ids`): a resume
+takes the key over and the older stream ends with ABORTED. Standard health checking and reflection are served beside
 the API. With `Security`, the server speaks TLS (mutual with a client CA) and refuses calls without the bearer
 token, health checking excepted (`security.py`).
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -30,7 +33,7 @@ from router.frontend import LiveStreams, deadline_after, open_stream
 from router.request import ChatMessage, Request, SamplingSpec
 from router.security import Security, interceptors, server_credentials
 from router.service import Delta, Router, new_request_id
-from router.validation import check_client_request_id
+from router.validation import check_client_request_id, check_key_free
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +103,17 @@ class GenerationService:
         self._router = router
         self._info = info
         self._live = LiveStreams()
+        self._running: collections.Counter[str] = collections.Counter()  # client keys of the streams running
+
+    @contextlib.contextmanager
+    def _running_under(self, key: str) -> Iterator[None]:
+        self._running[key] += 1
+        try:
+            yield
+        finally:
+            self._running[key] -= 1
+            if not self._running[key]:
+                del self._running[key]
 
     async def generate(self, msg: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
         try:
@@ -112,8 +126,9 @@ class GenerationService:
             # The engines know the request by a fresh id; the client's key (the same on a resend) names its stream.
             request = request_from_proto(msg, new_request_id(), deadline_after(context.time_remaining()))
             key = msg.request_id or request.request_id
+            check_key_free(key, self._running, resuming=bool(msg.resume_token_ids))
             superseded = False
-            with self._live.claim(key) as claim:
+            with self._running_under(key), self._live.claim(key) as claim:
                 async with open_stream(self._router, request) as deltas:
                     async for delta in deltas:
                         if claim.superseded:  # leaving the stream stops this request in the engines

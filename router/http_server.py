@@ -57,6 +57,7 @@ TIMEOUT_HEADER = "X-Request-Timeout"
 # A ServeError's gRPC status -> HTTP status, OpenAI error type, error code.
 _HTTP: dict[str, tuple[int, str, str]] = {
     "INVALID_ARGUMENT": (400, "invalid_request_error", "invalid_argument"),
+    "ALREADY_EXISTS": (409, "invalid_request_error", "already_exists"),
     "NOT_FOUND": (404, "invalid_request_error", "model_not_found"),  # the one NOT_FOUND: an unknown model
     "RESOURCE_EXHAUSTED": (429, "rate_limit_error", "overloaded"),
     "DEADLINE_EXCEEDED": (504, "timeout_error", "deadline_exceeded"),

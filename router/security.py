@@ -36,7 +36,11 @@ class Security:
     """What the frontends enforce: `tls` (paths; off unless `tls.enabled`) and the bearer `token` (None: none)."""
 
     tls: TlsConfig = field(default_factory=TlsConfig)
-    token: str | None = None
+    token: str | None = field(default=None, repr=False)  # never in a repr: logs and tracebacks print those
+
+    def __repr__(self) -> str:
+        token = "None" if self.token is None else "<redacted>"
+        return f"Security(tls={self.tls!r}, token={token})"
 
 
 def load_security(tls: TlsConfig, auth: AuthConfig, environ: Mapping[str, str] = os.environ) -> Security:

@@ -1,18 +1,19 @@
 """Request validation: pure checks against the served model's limits.
 
 `check_request` runs before tokenization (fields alone), `check_prompt_tokens` and `check_resume` after it
-(lengths, ids); `check_client_request_id` checks the key a client names its request with. They raise
-`InvalidArgument` / `ModelNotFound` with a message naming the field and the accepted range.
+(lengths, ids); `check_client_request_id` checks the key a client names its request with, and
+`check_key_free` that a key still running is taken over only by a resume of it. They raise `InvalidArgument` /
+`ModelNotFound` / `AlreadyExists` with a message naming the field and the accepted range.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from dataclasses import dataclass
 
-from common.errors import InvalidArgument, ModelNotFound
+from common.errors import AlreadyExists, InvalidArgument, ModelNotFound
 from router.request import Request
 
 CHAT_ROLES = ("system", "user", "assistant")
@@ -124,4 +125,14 @@ def check_client_request_id(key: str) -> None:
     if key and not CLIENT_REQUEST_ID.fullmatch(key):
         raise InvalidArgument(
             f"request_id must be 1 to 128 characters of A-Z, a-z, 0-9, '.', '_', ':' or '-', got {key[:40]!r}"
+        )
+
+
+def check_key_free(key: str, running: Container[str], resuming: bool) -> None:
+    """A request under the key of a stream still running is refused unless it resumes that stream (it carries
+    `resume_token_ids`: the client lost the first stream); a plain duplicate leaves the running one alone."""
+    if key in running and not resuming:
+        raise AlreadyExists(
+            f"request_id {key!r} is already in flight: wait for it to end, or resend it with resume_token_ids to "
+            "resume its stream"
         )

@@ -1,8 +1,10 @@
 """The worker's end of the request channel (`common.channel` describes the wire): a small asyncio server beside
 the engine, in the actor's process, that runs each call with the handler the worker registered for its method.
 
-Contract: a call is served only with the cluster secret; a caller hanging up cancels its handler (which stops the
-request in the engine); a handler that raises ends its call with an `INTERNAL` error frame.
+Contract: a connection is served only once it proved the cluster secret (the challenge in `common.channel`); at
+most `MAX_CONNECTIONS` are open at once; a caller hanging up cancels its handler (which stops the request in the
+engine); a handler that raises ends its call with an `INTERNAL` error frame naming the request, its details only in
+this worker's log.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import os
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -19,9 +22,13 @@ from common.channel import (
     HELLO_TIMEOUT_S,
     INTERNAL,
     INVALID_ARGUMENT,
+    MAX_CONNECTIONS,
+    MAX_PROOF_FRAME,
+    NONCE_BYTES,
     UNAUTHENTICATED,
     ChannelError,
     frame,
+    proof,
     read_frame,
     sampling_from,
 )
@@ -67,18 +74,20 @@ class ChannelServer:
         await asyncio.gather(*self._calls, return_exceptions=True)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if len(self._calls) >= MAX_CONNECTIONS:  # read nothing, hold nothing
+            writer.transport.abort()
+            return
         task = asyncio.current_task()
         assert task is not None
         self._calls.add(task)
         self.connections += 1
         try:
-            hello = await asyncio.wait_for(read_frame(reader), HELLO_TIMEOUT_S)
-            while True:
-                if not isinstance(hello, dict) or not hmac.compare_digest(str(hello.get("secret", "")),
-                                                                          self._secret):
-                    writer.write(frame({"error": {"code": UNAUTHENTICATED,
-                                                   "message": "calls to a worker need the cluster secret"}}))
-                    return
+            if not await asyncio.wait_for(self._authenticate(reader, writer), HELLO_TIMEOUT_S):
+                writer.write(frame({"error": {"code": UNAUTHENTICATED,
+                                              "message": "calls to a worker need the cluster secret"}}))
+                return
+            hello = await read_frame(reader)
+            while isinstance(hello, dict):
                 head = await self._serve_call(hello, reader, writer)
                 if head is None:
                     return
@@ -90,6 +99,14 @@ class ChannelServer:
         finally:
             self._calls.discard(task)
             writer.close()
+
+    async def _authenticate(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        """The challenge: whether the caller's first frame (at most `MAX_PROOF_FRAME` bytes) proves the secret."""
+        nonce = os.urandom(NONCE_BYTES)
+        writer.write(frame({"nonce": nonce.hex()}))
+        answer = await read_frame(reader, limit=MAX_PROOF_FRAME)
+        given = answer.get("proof") if isinstance(answer, dict) else None
+        return isinstance(given, str) and hmac.compare_digest(given.encode(), proof(self._secret, nonce).encode())
 
     async def _serve_call(self, hello: dict[str, Any], reader: asyncio.StreamReader,
                           writer: asyncio.StreamWriter) -> bytes | None:
@@ -126,9 +143,11 @@ class ChannelServer:
             await writer.drain()
         except ConnectionError:
             raise
-        except Exception as e:
-            log.exception("request %s failed in the engine", call.get("id") if isinstance(call, dict) else None)
-            writer.write(frame({"error": {"code": INTERNAL, "message": f"{type(e).__name__}: {e}"}}))
+        except Exception:
+            request_id = call.get("id") if isinstance(call, dict) else None
+            log.exception("request %s failed in the engine", request_id)  # the details stay here, not on the wire
+            text = f"the engine failed while running request {request_id}; see the worker's log"
+            writer.write(frame({"error": {"code": INTERNAL, "message": text}}))
             with contextlib.suppress(ConnectionError):
                 await writer.drain()
 

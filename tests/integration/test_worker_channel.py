@@ -38,24 +38,30 @@ def undisturbed(deployment):
         return client.complete(PROMPT, max_tokens=TOKENS, temperature=0.0, ignore_eos=True).token_ids
 
 
-def _raw_generate(address: str, hello: dict[str, object]) -> dict[str, object]:
-    """One `Generate` call on a plain socket; the worker's first answer."""
+def _raw_generate(address: str, answer: dict[str, object]) -> dict[str, object]:
+    """The challenge answered with `answer`, then one `Generate` call, on a plain socket; the worker's answer."""
     call = {"id": "raw-1", "prompt": [11, 12, 13],
             "sampling": {"max_tokens": 2, "temperature": 0.0, "top_p": 1.0, "top_k": 0, "seed": None,
                          "ignore_eos": True, "stop_token_ids": []}, "kv": None}
     host, _, port = address.rpartition(":")
     with socket.create_connection((host, int(port)), timeout=60) as sock:
-        body = json.dumps({**hello, "method": "Generate", "call": call}).encode()
-        sock.sendall(LENGTH.pack(len(body)) + body)
         reader = sock.makefile("rb")
-        (n,) = LENGTH.unpack(reader.read(LENGTH.size))
-        return json.loads(reader.read(n))
+
+        def read() -> dict[str, object]:
+            (n,) = LENGTH.unpack(reader.read(LENGTH.size))
+            return json.loads(reader.read(n))
+
+        assert "nonce" in read()
+        for message in (answer, {"method": "Generate", "call": call}):
+            body = json.dumps(message).encode()
+            sock.sendall(LENGTH.pack(len(body)) + body)
+        return read()
 
 
 def test_a_worker_serves_only_callers_holding_the_cluster_secret(deployment):
     address = deployment.router.registry.all()[1].info.request_address
-    for hello in ({}, {"secret": "not-the-secret"}):
-        answer = _raw_generate(address, hello)
+    for answer in ({}, {"secret": "not-the-secret"}, {"proof": "00" * 32}):
+        answer = _raw_generate(address, answer)
         assert answer["error"]["code"] == "UNAUTHENTICATED"
         assert "cluster secret" in answer["error"]["message"]
     with Client(deployment.target) as client:  # the worker still serves the router

@@ -93,3 +93,10 @@ def test_security_config_reads_paths_and_names():
     )
     assert config.router.tls == TlsConfig("s.crt", "s.key", "ca.crt") and config.router.tls.enabled
     assert config.router.auth == AuthConfig(token_env="PDSERVE_API_TOKEN") and config.router.auth.enabled
+
+
+def test_the_token_never_shows_in_a_repr():
+    security = load_security(TlsConfig(), AuthConfig(token_env="PDSERVE_T"), environ={"PDSERVE_T": "sekrit-tok"})
+    assert security.token == "sekrit-tok"
+    for text in (repr(security), str(security), f"{security!r}"):
+        assert "sekrit-tok" not in text and "<redacted>" in text

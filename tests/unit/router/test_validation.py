@@ -61,3 +61,15 @@ def test_prompt_at_max_model_len_is_rejected_with_the_limit():
 def test_prompt_token_ids_outside_the_vocabulary_are_rejected():
     with pytest.raises(InvalidArgument, match="prompt_token_ids.ids holds token id 1000"):
         check_prompt_tokens([1, 1000], LIMITS)
+
+
+def test_a_key_in_flight_is_refused_unless_the_request_resumes_it():
+    from common.errors import AlreadyExists
+    from router.validation import check_key_free
+
+    running = {"job-1"}
+    with pytest.raises(AlreadyExists, match="request_id 'job-1' is already in flight") as refused:
+        check_key_free("job-1", running, resuming=False)
+    assert refused.value.status == "ALREADY_EXISTS"
+    check_key_free("job-1", running, resuming=True)  # a resume takes the stream over
+    check_key_free("job-2", running, resuming=False)

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from common.channel import LENGTH, MAX_FRAME, fields
+from common.channel import LENGTH, MAX_FRAME, MAX_PROOF_FRAME, fields, frame, read_frame
 from common.errors import EngineFailure
 from common.results import EngineChunk, PrefillResult
 from common.sampling import SamplingSpec
@@ -79,9 +79,11 @@ def test_generate_streams_every_chunk_in_order_and_prefill_returns_its_result() 
 
 def test_a_failure_in_the_engine_is_an_engine_failure_not_a_lost_worker() -> None:
     async def body(worker: Worker, server: ChannelServer, channel: WorkerChannel, address: str) -> None:
-        with pytest.raises(EngineFailure, match="INTERNAL: RuntimeError: the engine broke") as e:
+        with pytest.raises(EngineFailure, match="INTERNAL: the engine failed while running request r1; see the "
+                                                "worker's log") as e:
             await channel.generate("r1", [-1], SAMPLING).next()
         assert not isinstance(e.value, WorkerGone)
+        assert "RuntimeError" not in str(e.value) and "the engine broke" not in str(e.value)  # only in the log
         assert [c.token_ids for c in [await channel.generate("r2", [3], SAMPLING).next()]] == [[3]]
 
     run(body)
@@ -91,7 +93,77 @@ def test_only_callers_holding_the_secret_are_served() -> None:
     async def body(worker: Worker, server: ChannelServer, channel: WorkerChannel, address: str) -> None:
         with pytest.raises(EngineFailure, match="UNAUTHENTICATED: calls to a worker need the cluster secret"):
             await WorkerChannel(address, "wrong").generate("r1", [1], SAMPLING).next()
+        host, _, port = address.rpartition(":")
+        for answer in ({"proof": "00" * 32}, {"secret": SECRET}, {"method": "Generate"}):  # a wrong HMAC, no HMAC
+            reader, writer = await asyncio.open_connection(host, int(port))
+            await read_frame(reader)
+            writer.write(frame(answer))
+            assert (await read_frame(reader))["error"]["code"] == "UNAUTHENTICATED"
+            assert await asyncio.wait_for(reader.read(), 5.0) == b""  # and the connection closes
+            writer.close()
         assert not worker.started.is_set()
+
+    run(body)
+
+
+def test_an_unauthenticated_peer_cannot_make_the_worker_read_a_big_frame() -> None:
+    async def body(worker: Worker, server: ChannelServer, channel: WorkerChannel, address: str) -> None:
+        host, _, port = address.rpartition(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        await read_frame(reader)  # the challenge
+        writer.write(LENGTH.pack(MAX_FRAME))  # announces 64 MiB, sends none of it
+        assert await asyncio.wait_for(reader.read(), 5.0) == b""  # closed unread, not waiting for the body
+        writer.close()
+        reader, writer = await asyncio.open_connection(host, int(port))
+        await read_frame(reader)
+        writer.write(LENGTH.pack(MAX_PROOF_FRAME + 1))
+        assert await asyncio.wait_for(reader.read(), 5.0) == b""
+        writer.close()
+
+    run(body)
+
+
+def test_the_secret_never_travels_and_a_pooled_connection_proves_it_once() -> None:
+    sent: list[bytes] = []
+
+    async def body(worker: Worker, server: ChannelServer, channel: WorkerChannel, address: str) -> None:
+        async def relay(src: asyncio.StreamReader, dst: asyncio.StreamWriter, log: list[bytes] | None) -> None:
+            while data := await src.read(65536):
+                if log is not None:
+                    log.append(data)
+                dst.write(data)
+            dst.close()
+
+        async def proxy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            host, _, port = address.rpartition(":")
+            up_reader, up_writer = await asyncio.open_connection(host, int(port))
+            await asyncio.gather(relay(reader, up_writer, sent), relay(up_reader, writer, None))
+
+        relay_server = await asyncio.start_server(proxy, "127.0.0.1", 0)
+        via = WorkerChannel(f"127.0.0.1:{relay_server.sockets[0].getsockname()[1]}", SECRET)
+        for i in range(2):
+            assert (await via.generate(f"r{i}", [7], SAMPLING).next()).token_ids == [7]
+        await via.close()
+        relay_server.close()
+        wire = b"".join(sent)
+        assert SECRET.encode() not in wire and b"secret" not in wire
+        assert wire.count(b'"proof"') == 1 and wire.count(b'"Generate"') == 2
+        assert server.connections == 1
+
+    run(body)
+
+
+def test_connections_beyond_the_cap_are_closed_at_once(monkeypatch) -> None:
+    monkeypatch.setattr("worker.channel_server.MAX_CONNECTIONS", 1)
+
+    async def body(worker: Worker, server: ChannelServer, channel: WorkerChannel, address: str) -> None:
+        host, _, port = address.rpartition(":")
+        first = await asyncio.open_connection(host, int(port))
+        assert "nonce" in await read_frame(first[0])
+        second = await asyncio.open_connection(host, int(port))
+        assert await asyncio.wait_for(second[0].read(), 5.0) == b""  # no challenge: closed on arrival
+        for _, writer in (first, second):
+            writer.close()
 
     run(body)
 
@@ -138,6 +210,7 @@ def test_garbage_and_oversized_frames_are_dropped_and_the_worker_goes_on() -> No
         host, _, port = address.rpartition(":")
         for raw in (LENGTH.pack(MAX_FRAME + 1), LENGTH.pack(5) + b"{nope", LENGTH.pack(3) + json.dumps([1]).encode()):
             reader, writer = await asyncio.open_connection(host, int(port))
+            assert "nonce" in await read_frame(reader)
             writer.write(raw)
             answer = await asyncio.wait_for(reader.read(), 5.0)  # then the worker closes the connection
             assert answer == b"" or b"UNAUTHENTICATED" in answer, answer
@@ -166,7 +239,7 @@ def test_a_cancelled_or_failed_call_s_connection_is_not_used_again() -> None:
         await stream.next()
         stream.cancel()
         await asyncio.wait_for(worker.cancelled.wait(), 5.0)
-        with pytest.raises(EngineFailure, match="the engine broke"):
+        with pytest.raises(EngineFailure, match="the engine failed while running request r2"):
             await channel.generate("r2", [-1], SAMPLING).next()
         assert (await channel.generate("r3", [4], SAMPLING).next()).token_ids == [4]
         assert server.connections == 3
