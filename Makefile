@@ -28,7 +28,7 @@ demo: $(STAMP)
 test: $(STAMP) prometheus
 	$(BIN)/ruff check .
 	$(BIN)/mypy $(TYPED)
-	$(if $(wildcard ../shared/kuberay-crds/*.yaml),PDSERVE_KUBERAY_CRDS=$(abspath ../shared/kuberay-crds)) $(BIN)/python -m pytest -ra
+	$(if $(wildcard ../shared/kuberay-crds/*.yaml),PDSERVE_KUBERAY_CRDS=$(abspath ../shared/kuberay-crds)) $(BIN)/python -m pytest -ra --durations=25
 
 prometheus:
 	@command -v prometheus >/dev/null && command -v promtool >/dev/null || { \
