@@ -53,7 +53,7 @@ def _finite(field: str, value: object) -> float:
 
 def check_sampling(sampling: Sampling) -> None:
     """What the wire can carry, checked before anything is sent (the server checks the ranges it accepts)."""
-    _whole("max_tokens", sampling.max_tokens, 1, _U32)
+    _whole("max_tokens", sampling.max_tokens, 0, _U32)  # the server says which it accepts (1 ..)
     if sampling.temperature is not None:
         _finite("temperature", sampling.temperature)
     if sampling.top_p is not None:
