@@ -13,8 +13,11 @@ Contract.
   level of one target needs a seed of its own. `guidellm_env()` is its environment: no model hub.
 - `parse_report(data)` reads that JSON report (guidellm 0.8.1's schema) into one `LevelRun` per benchmark in it,
   with guidellm's own per-request figures: TTFT (first token's arrival minus the request's start) and ITL (last
-  token minus first token over output tokens - 1, which is `pdserve bench serve`'s TPOT) of the successful
-  requests, the counts per status, and the output tokens every request streamed (incomplete ones included).
+  token minus first token over output tokens - 1, which is `pdserve bench serve`'s TPOT), the counts per status,
+  and the output tokens every request streamed. Latencies cover every request that got that far, the ones guidellm
+  cut off at the end of the level included: at 16 streams a 30 s level finishes few requests, and the ones it
+  finishes are those that started first, so the successful ones alone would leave the slow first tokens out
+  (guidellm's own console counts successful requests only).
 """
 
 from __future__ import annotations
@@ -46,12 +49,15 @@ class LevelRun:
     """One guidellm benchmark (one concurrency level, one run) as guidellm measured it."""
 
     streams: int
-    ttfts_ms: tuple[float, ...]  # successful requests
-    itls_ms: tuple[float, ...]  # successful requests of 2+ output tokens
+    ttfts_ms: tuple[float, ...]  # every request that got its first token (successful and cut off)
+    itls_ms: tuple[float, ...]  # every request that got 2+ tokens (successful and cut off)
+    finished_ttfts_ms: tuple[float, ...]  # the successful requests'
     successful: int
     errored: int
     incomplete: int  # cancelled by guidellm when the level's time was up
     duration_s: float
+    start: float  # time.time() of the measurement's start and end
+    end: float
     output_tokens: int  # streamed to guidellm, every request (incomplete ones too)
     first_error: str | None = None
 
@@ -126,14 +132,18 @@ def _level(benchmark: Mapping[str, Any]) -> LevelRun:
     requests = benchmark["requests"]
     ok = requests["successful"]
     errored = requests["errored"]
+    served = [*ok, *requests["incomplete"]]
     return LevelRun(
         streams=int(benchmark["config"]["strategy"]["streams"]),
-        ttfts_ms=_values(ok, "time_to_first_token_ms"),
-        itls_ms=_values(ok, "inter_token_latency_ms"),
+        ttfts_ms=_values(served, "time_to_first_token_ms"),
+        itls_ms=_values(served, "inter_token_latency_ms"),
+        finished_ttfts_ms=_values(ok, "time_to_first_token_ms"),
         successful=len(ok),
         errored=len(errored),
         incomplete=len(requests["incomplete"]),
         duration_s=float(benchmark["duration"]),
+        start=float(benchmark["start_time"]),
+        end=float(benchmark["end_time"]),
         output_tokens=sum(int(r.get("output_tokens") or 0) for status in _STATUSES for r in requests[status]),
         first_error=next((str(r["info"]["error"]) for r in errored if r.get("info", {}).get("error")), None),
     )

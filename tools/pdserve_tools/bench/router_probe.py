@@ -1,18 +1,25 @@
 """The pdserve router's load over one stretch of a benchmark, seen from outside its process.
 
-Contract. `RouterProbe.start(pid, metrics_url)` reads the router process's CPU time (utime + stime of every thread,
-from /proc/PID/stat) and scrapes its Prometheus endpoint; `stop(tokens, client_ttfts_ms)` does both again and
-returns a `RouterLoad` over the stretch: CPU seconds per token streamed (`tokens`, counted by the client), the p99
-of `pdserve_event_loop_lag_seconds` over the samples taken in the stretch (bucket counts subtracted, then
-Prometheus's `histogram_quantile` interpolation), and the router's own mean TTFT over the requests that finished in
-it (`pdserve_time_to_first_token_seconds`, arrival at the router to first token sent) beside the client's mean.
-The parsing and the quantile are pure functions.
+Contract. `RouterProbe.start(pid, metrics_url)` starts sampling, every `PERIOD_S` on the running loop, the router
+process's CPU time (utime + stime of every thread, from /proc/PID/stat) and its Prometheus metrics, each sample
+stamped with `time.time()` (the wall clock guidellm stamps its benchmarks with). `stop(window)` ends the sampling
+and returns a `RouterLoad` over the window (wall-clock start and end, the tokens streamed to the client in it, the
+client's TTFTs of the requests that finished in it): CPU seconds per token (the CPU time interpolated at the two
+ends), the p99 of `pdserve_event_loop_lag_seconds` over the lag samples taken in it (bucket counts of the last
+scrape at or before its start subtracted from the first at or after its end, then Prometheus's
+`histogram_quantile` interpolation), and the router's own mean TTFT over the requests that finished in it
+(`pdserve_time_to_first_token_seconds`: arrival at the router to first token) beside the client's mean.
+Sampling costs the router one scrape per period. The parsing, the interpolation and the quantile are pure.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import itertools
 import math
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -21,6 +28,24 @@ from pdserve_tools.stats import percentile
 LOOP_LAG = "pdserve_event_loop_lag_seconds"
 TTFT = "pdserve_time_to_first_token_seconds"
 _UTIME_FIELD = 11  # utime, then stime, counted from the field after the command name in /proc/PID/stat
+PERIOD_S = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    at: float  # time.time()
+    cpu_s: float
+    metrics: str  # Prometheus text
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """A stretch of a benchmark as the client measured it."""
+
+    start: float  # time.time()
+    end: float
+    tokens: int  # streamed to the client
+    client_ttfts_ms: tuple[float, ...]  # of the requests that finished
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +117,34 @@ def histogram_quantile(q: float, cumulative: list[tuple[float, float]]) -> float
     return lower
 
 
+def cpu_at(samples: Sequence[Sample], at: float) -> float:
+    """The CPU time at `at`, interpolated between the samples around it (clamped to the first and last)."""
+    if at <= samples[0].at:
+        return samples[0].cpu_s
+    for a, b in itertools.pairwise(samples):
+        if at <= b.at:
+            return a.cpu_s + (b.cpu_s - a.cpu_s) * (at - a.at) / (b.at - a.at) if b.at > a.at else b.cpu_s
+    return samples[-1].cpu_s
+
+
+def around(samples: Sequence[Sample], start: float, end: float) -> tuple[Sample, Sample]:
+    """The last sample at or before `start` and the first at or after `end` (else the first and the last)."""
+    before = next((s for s in reversed(samples) if s.at <= start), samples[0])
+    after = next((s for s in samples if s.at >= end), samples[-1])
+    return before, after
+
+
+def load_over(samples: Sequence[Sample], window: Window) -> RouterLoad:
+    """The router's load over `window`, from samples taken around it."""
+    cpu_s = cpu_at(samples, window.end) - cpu_at(samples, window.start)
+    before, after = around(samples, window.start, window.end)
+    lag = bucket_delta(buckets(before.metrics, LOOP_LAG), buckets(after.metrics, LOOP_LAG))
+    router_ttft = mean_between(sum_count(before.metrics, TTFT), sum_count(after.metrics, TTFT))
+    ttfts = window.client_ttfts_ms
+    return RouterLoad(cpu_s / window.tokens if window.tokens else math.nan, histogram_quantile(0.99, lag) * 1000,
+                      router_ttft * 1000, sum(ttfts) / len(ttfts) if ttfts else math.nan)
+
+
 def mean_between(before: tuple[float, float], after: tuple[float, float]) -> float:
     """The mean of the samples a histogram observed between two scrapes of its (sum, count); NaN for none."""
     count = after[1] - before[1]
@@ -115,24 +168,36 @@ async def scrape(url: str) -> str:
 
 
 class RouterProbe:
-    def __init__(self, pid: int, metrics_url: str, cpu_s: float, metrics: str) -> None:
+    """Samples one router until stopped (see the module's contract)."""
+
+    def __init__(self, pid: int, metrics_url: str) -> None:
         self._pid = pid
         self._url = metrics_url
-        self._cpu_s = cpu_s
-        self._metrics = metrics
+        self._samples: list[Sample] = []
+        self._task: asyncio.Task[None] | None = None
 
     @classmethod
     async def start(cls, pid: int, metrics_url: str | None) -> RouterProbe:
         if metrics_url is None:
             raise ValueError("a router probe needs the router's metrics URL")
-        metrics = await scrape(metrics_url)
-        return cls(pid, metrics_url, read_cpu_seconds(pid), metrics)
+        probe = cls(pid, metrics_url)
+        await probe._sample()
+        probe._task = asyncio.create_task(probe._run(), name="router-probe")
+        return probe
 
-    async def stop(self, tokens: int, client_ttfts_ms: Sequence[float]) -> RouterLoad:
-        cpu_s = read_cpu_seconds(self._pid) - self._cpu_s
+    async def stop(self, window: Window) -> RouterLoad:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self._sample()
+        return load_over(self._samples, window)
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(PERIOD_S)  # the sampling period
+            await self._sample()
+
+    async def _sample(self) -> None:
         metrics = await scrape(self._url)
-        lag = bucket_delta(buckets(self._metrics, LOOP_LAG), buckets(metrics, LOOP_LAG))
-        router_ttft = mean_between(sum_count(self._metrics, TTFT), sum_count(metrics, TTFT))
-        client = sum(client_ttfts_ms) / len(client_ttfts_ms) if client_ttfts_ms else math.nan
-        return RouterLoad(cpu_s / tokens if tokens else math.nan, histogram_quantile(0.99, lag) * 1000,
-                          router_ttft * 1000, client)
+        self._samples.append(Sample(time.time(), read_cpu_seconds(self._pid), metrics))
