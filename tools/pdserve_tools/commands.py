@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from pdserve_tools.bench.external import add_parser as add_external
 from pdserve_tools.bench.overload import add_parser as add_overload
 from pdserve_tools.bench.serve import add_parser
 from pdserve_tools.chaos_command import add_parser as add_chaos
@@ -33,6 +34,12 @@ def _bench_transfer(args: argparse.Namespace) -> int:
     return main(args)
 
 
+def _bench_multinode(args: argparse.Namespace) -> int:
+    from pdserve_tools.bench.multinode import main
+
+    return main(args)
+
+
 def _bench_serve(args: argparse.Namespace) -> int:
     from pdserve_tools.bench.serve import main
 
@@ -41,6 +48,12 @@ def _bench_serve(args: argparse.Namespace) -> int:
 
 def _bench_overload(args: argparse.Namespace) -> int:
     from pdserve_tools.bench.overload import main
+
+    return main(args)
+
+
+def _bench_external(args: argparse.Namespace) -> int:
+    from pdserve_tools.bench.external import main
 
     return main(args)
 
@@ -106,6 +119,21 @@ def add_commands(sub: Any) -> None:
     b.add_argument("--raw-repeats", type=int, default=15)
     b.add_argument("--out", default="bench-results/transfer.json")
     b.set_defaults(func=_bench_transfer)
+    b = bsub.add_parser("multinode", help="1P1D across two nodes (network namespaces) at several link speeds against "
+                        "one node: KV throughput vs raw TCP, exposed transfer, TTFT/TPOT ratios, transfer failures")
+    b.add_argument("--config", help="a serve config whose engine and transfer sections to use (default: the "
+                   "embedded one with a tiny random model)")
+    b.add_argument("--model", help="model folder or name (default: a tiny random Llama, or the --config's model)")
+    b.add_argument("--links", type=float, nargs="*", default=[1.0, 10.0],
+                   help="tbf link speeds in Gbit/s, run after the unshaped link")
+    b.add_argument("--prompt-tokens", type=int, default=1024)
+    b.add_argument("--requests", type=int, default=5, help="transfers and requests per deployment (after a warm-up)")
+    b.add_argument("--max-tokens", type=int, default=16, help="tokens per request (EOS ignored)")
+    b.add_argument("--raw-repeats", type=int, default=5, help="raw TCP sends per link")
+    b.add_argument("--burst-kb", type=int, default=256, help="the tbf bucket (KiB)")
+    b.add_argument("--log-dir", default="bench-results/multinode-logs", help="each deployment's config and log")
+    b.add_argument("--out", default="bench-results/multinode.json")
+    b.set_defaults(func=_bench_multinode)
     p = sub.add_parser("sim", help="simulate every decode policy at several cluster sizes: goodput under SLO, "
                        "preemptions, TPOT p99")
     add_sim(p)
@@ -117,5 +145,6 @@ def add_commands(sub: Any) -> None:
 
     add_parser(bsub, _bench_serve)
     add_overload(bsub, _bench_overload)
+    add_external(bsub, _bench_external)
     add_chaos(sub, _chaos)
     add_predictor(sub, _predictor_label, _predictor_train, _predictor_eval)

@@ -58,20 +58,30 @@ class Sample:
         return min(1.0, self.exposed_s / self.span_s) if self.span_s > 0 else 1.0
 
 
-async def _one(dep: Any, rid: str, prompt: list[int], layerwise: bool) -> Sample:
-    reg = dep.router.registry
-    prefill = next(i for i in reg.all() if i.role == "prefill")
-    decode = next(i for i in reg.all() if i.role == "decode")
+@dataclasses.dataclass(frozen=True)
+class Pair:
+    """A prefill and a decode worker a transfer probe drives directly (Ray actor handles), bypassing the router."""
+
+    prefill: Any
+    prefill_id: str
+    decode: Any
+    decode_id: str
+    decode_kv_address: str
+
+
+async def transfer_sample(pair: Pair, rid: str, prompt: list[int], layerwise: bool) -> Sample:
+    """Prefills `prompt` (transfer id `rid`), streams its KV to the decode worker, which continues one token; the
+    prefill's record of the send."""
     deadline = time.time() + 60.0
     n = len(prompt)
-    send = SendSpec(rid, decode.info.kv_address, decode.instance_id, n, deadline, layerwise)
-    first = await prefill.handle.prefill.remote(rid, prompt, SamplingSpec(max_tokens=1, temperature=0.0),
-                                                to_params(send))
-    recv = RecvSpec(rid, prefill.instance_id, n, deadline)
-    async for ref in decode.handle.generate.remote(rid, prompt + first.token_ids,
-                                                   SamplingSpec(max_tokens=1, temperature=0.0), to_params(recv)):
+    send = SendSpec(rid, pair.decode_kv_address, pair.decode_id, n, deadline, layerwise)
+    first = await pair.prefill.prefill.remote(rid, prompt, SamplingSpec(max_tokens=1, temperature=0.0),
+                                              to_params(send))
+    recv = RecvSpec(rid, pair.prefill_id, n, deadline)
+    async for ref in pair.decode.generate.remote(rid, prompt + first.token_ids,
+                                                 SamplingSpec(max_tokens=1, temperature=0.0), to_params(recv)):
         await ref
-    sent = await prefill.handle.transfer_record.remote("sent", rid, RECORD_TIMEOUT_S)
+    sent = await pair.prefill.transfer_record.remote("sent", rid, RECORD_TIMEOUT_S)
     if sent["error"]:
         raise RuntimeError(f"transfer {rid} failed: {sent['error']}")
     span = sent["last_send"] - sent["first_send"]
@@ -85,11 +95,15 @@ async def _real(config: ServeConfig, prompt_tokens: int, requests: int) -> list[
 
     dep = await deploy(config)
     try:
+        reg = dep.router.registry
+        prefill = next(i for i in reg.all() if i.role == "prefill")
+        decode = next(i for i in reg.all() if i.role == "decode")
+        pair = Pair(prefill.handle, prefill.instance_id, decode.handle, decode.instance_id, decode.info.kv_address)
         rng = random.Random(0)
         samples = []
         for i in tqdm(range(2 * (requests + 1)), desc="requests", file=sys.stderr):
             prompt = [rng.randrange(100, 40_000) for _ in range(prompt_tokens)]
-            sample = await _one(dep, f"bench-{i}", prompt, layerwise=i % 2 == 0)
+            sample = await transfer_sample(pair, f"bench-{i}", prompt, layerwise=i % 2 == 0)
             if i >= 2:  # one warm-up request per mode
                 samples.append(sample)
         return samples

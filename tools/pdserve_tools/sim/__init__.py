@@ -6,9 +6,9 @@ for the policy comparison `pdserve sim` prints. One module here is not pure and 
 `calibrate`, the shell of `pdserve calibrate`, which times a vLLM engine to fit the `CostModel` (see `fit`).
 """
 
-from pdserve_tools.sim.cost import CostModel
+from pdserve_tools.sim.cost import CostModel, Links
 from pdserve_tools.sim.report import Summary, summarize
 from pdserve_tools.sim.simulator import SimConfig, SimResult, run
 from pdserve_tools.sim.workload import WorkloadConfig, generate
 
-__all__ = ["CostModel", "SimConfig", "SimResult", "Summary", "WorkloadConfig", "generate", "run", "summarize"]
+__all__ = ["CostModel", "Links", "SimConfig", "SimResult", "Summary", "WorkloadConfig", "generate", "run", "summarize"]

@@ -6,7 +6,9 @@ a progress bar over its arrivals), which is how the 1,000-instance, million-requ
 
 Engine times are the placeholder `CostModel()` unless `--cost FILE` names a cost file (what `pdserve calibrate`
 writes). Either way each decode instance holds the scenario's 24k KV tokens; `--cost-kv` takes the file's
-`kv_capacity_tokens` instead (the calibration engine's KV cache, sized by its `--kv-cache-gib`).
+`kv_capacity_tokens` instead (the calibration engine's KV cache, sized by its `--kv-cache-gib`). With `--nodes N`
+the instances spread over N nodes, and a KV transfer between two of them costs the request's KV over a
+`--link-gbit` link instead of the in-node transfer time (`cost.Links`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any
 from tqdm import tqdm
 
 from pdserve_tools.sim.compare import DECODE_POLICIES, Goodput, Scenario, goodput, run_policy
-from pdserve_tools.sim.cost import CostModel
+from pdserve_tools.sim.cost import CostModel, Links
 from pdserve_tools.sim.report import Summary, table
 from pdserve_tools.slo import Slo
 
@@ -45,6 +47,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="request lengths: the synthetic short/long mixture, or ShareGPT conversations' (prompt, "
                         "answer) token counts")
     p.add_argument("--lengths-count", type=int, default=10_000, help="ShareGPT conversations to draw lengths from")
+    p.add_argument("--nodes", type=int, default=1, help="nodes the instances spread over (each pool in turn); a KV "
+                   "transfer between two nodes crosses the --link-gbit link")
+    p.add_argument("--link-gbit", type=float, default=Links().link_gbit, help="bandwidth of the link between two "
+                   "nodes, Gbit/s")
+    p.add_argument("--kv-bytes-per-token", type=int, help="KV bytes a prompt token moves across a link (default: the "
+                   f"--cost file's `transfer.kv_bytes_per_token`, else {Links().kv_bytes_per_token})")
     p.add_argument("--out", default="bench-results/sim.json")
 
 
@@ -53,7 +61,7 @@ def main(args: argparse.Namespace) -> int:
     scenarios = _scenarios(args, slo)
     first = scenarios[0]
     cost = {"cost_file": args.cost, "cost": asdict(replace(first.cost, kv_capacity_tokens=first.kv_capacity_tokens)),
-            "lengths": args.lengths, "length_pairs": len(first.lengths)}
+            "lengths": args.lengths, "length_pairs": len(first.lengths), "links": asdict(first.links)}
     if args.rate is not None:
         rows = [_single(s, p, args.rate, args.requests) for s in scenarios for p in args.policy]
         print(f"one run per policy at {args.rate:g} req/s; SLO TTFT {args.slo_ttft_s:g} s, "
@@ -88,7 +96,12 @@ def _scenarios(args: argparse.Namespace, slo: Slo) -> list[Scenario]:
 
         lengths = sharegpt_lengths(args.lengths_count)
         print(f"lengths of {len(lengths)} ShareGPT conversations (SmolLM2 tokens)", file=sys.stderr)
-    scenarios = [Scenario(n, seconds=args.seconds, slo=slo, cost=cost, lengths=lengths) for n in args.instances]
+    try:
+        links = Links(args.nodes, args.link_gbit, args.kv_bytes_per_token or kv_bytes_per_token(args.cost))
+    except ValueError as e:
+        raise SystemExit(f"--nodes, --link-gbit, --kv-bytes-per-token: {e}") from e
+    scenarios = [Scenario(n, seconds=args.seconds, slo=slo, cost=cost, lengths=lengths, links=links)
+                 for n in args.instances]
     if args.cost_kv:
         scenarios = [replace(s, kv_capacity_tokens=cost.kv_capacity_tokens) for s in scenarios]
     return scenarios
@@ -100,6 +113,17 @@ def load_cost(path: str) -> CostModel:
         return CostModel.from_json(Path(path).read_text())
     except (OSError, ValueError) as e:
         raise SystemExit(f"cannot use {path} as a cost model: {e}") from e
+
+
+def kv_bytes_per_token(path: str | None) -> int:
+    """KV bytes per token: the cost file's `transfer.kv_bytes_per_token` (what `pdserve calibrate` measured), else
+    the placeholder model's."""
+    if path is not None:
+        document = json.loads(Path(path).read_text())
+        transfer = document.get("transfer") if isinstance(document, dict) else None
+        if isinstance(transfer, dict) and isinstance(transfer.get("kv_bytes_per_token"), int):
+            return int(transfer["kv_bytes_per_token"])
+    return Links().kv_bytes_per_token
 
 
 def _single(scenario: Scenario, policy: str, rate: float, requests: int | None) -> Summary:

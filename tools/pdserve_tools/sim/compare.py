@@ -17,7 +17,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-from pdserve_tools.sim.cost import CostModel
+from pdserve_tools.sim.cost import CostModel, Links
 from pdserve_tools.sim.goodput import highest_passing
 from pdserve_tools.sim.report import DEFAULT_SLO, Summary, summarize
 from pdserve_tools.sim.simulator import SimConfig, run
@@ -47,6 +47,7 @@ class Scenario:
     seed: int = 1
     cost: CostModel = field(default_factory=CostModel)  # engine times; its KV capacity is replaced by the above
     lengths: tuple[tuple[int, int], ...] = ()  # (prompt, output) pairs to draw from; empty: the lognormal mixture
+    links: Links = field(default_factory=Links)  # the instances' nodes (default: one node)
 
     def __post_init__(self) -> None:
         if self.decode_instances < 1 or self.seconds <= 0 or not 0 < self.target <= 1:
@@ -57,7 +58,7 @@ class Scenario:
         workload = WorkloadConfig(requests=count, rate_rps=rate_rps, lengths=self.lengths, seed=self.seed)
         return SimConfig(workload, replace(self.cost, kv_capacity_tokens=self.kv_capacity_tokens),
                          prefill_instances=max(1, self.decode_instances // 2), decode_instances=self.decode_instances,
-                         hold_timeout_s=math.inf if self.slo.ttft_s is None else self.slo.ttft_s)
+                         hold_timeout_s=math.inf if self.slo.ttft_s is None else self.slo.ttft_s, links=self.links)
 
 
 def run_policy(scenario: Scenario, policy: str, rate_rps: float, requests: int | None = None,

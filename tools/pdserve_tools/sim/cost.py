@@ -11,6 +11,9 @@ the weights per step, ~128 KiB of KV per token read at ~2 TB/s, ~20k prefill tok
 instances). `pdserve calibrate` measures real step times on a vLLM engine and writes fitted coefficients to a
 JSON file that `from_json` reads (`pdserve sim --cost FILE`).
 
+`Links` places instances on nodes: within a node a transfer costs the cost model's `transfer_per_token_s`; between
+two nodes it costs `kv_bytes_per_token` bytes per prompt token over a link of `link_gbit` Gbit/s.
+
 JSON form (`to_json` / `from_json`): a document whose `"cost"` object holds every field of the dataclass by
 name, no more and no fewer; other top-level keys (a calibration's measured points, say) are ignored.
 """
@@ -96,3 +99,34 @@ class CostModel:
         while self.steps_s(batch, context_tokens, n + 1) <= elapsed_s:
             n += 1
         return n
+
+
+@dataclass(frozen=True, slots=True)
+class Links:
+    """The nodes the instances run on and the link between any two of them.
+
+    Each pool spreads over the `nodes` nodes in turn (prefill instance i and decode instance i on node i % nodes).
+    A transfer between two instances of one node costs the cost model's in-node `transfer_per_token_s` per prompt
+    token; between two nodes, the request's KV (`kv_bytes_per_token` per prompt token) over a `link_gbit` Gbit/s
+    link. Each transfer has the whole link: concurrent transfers do not share it. The defaults: one node (every
+    transfer in-node); a 100 Gbit/s link and the placeholder model's ~128 KiB of KV per token.
+    """
+
+    nodes: int = 1
+    link_gbit: float = 100.0
+    kv_bytes_per_token: int = 131_072
+
+    def __post_init__(self) -> None:
+        if self.nodes < 1 or self.kv_bytes_per_token < 1 or not (self.link_gbit > 0 and math.isfinite(self.link_gbit)):
+            raise ValueError(f"links need nodes >= 1, kv_bytes_per_token >= 1 and a finite link_gbit > 0, got "
+                             f"{self.nodes}, {self.kv_bytes_per_token}, {self.link_gbit}")
+
+    @property
+    def link_per_token_s(self) -> float:
+        return self.kv_bytes_per_token * 8 / (self.link_gbit * 1e9)
+
+    def transfer_s(self, cost: CostModel, tokens: int, prefill: int, decode: int) -> float:
+        """Seconds to move the KV of `tokens` prompt tokens from prefill instance `prefill` to decode `decode`."""
+        if prefill % self.nodes == decode % self.nodes:
+            return cost.transfer_per_token_s * tokens
+        return self.link_per_token_s * tokens

@@ -3,10 +3,10 @@
 Events sit in one heap keyed by (time, sequence number). A request's path is the live one: arrival ->
 decode policy (`Overloaded` holds it in a bounded admission queue, or rejects it when that is full or once it
 has waited `hold_timeout_s` there) ->
-prefill policy -> prefill batch -> first token (TTFT) -> KV transfer -> decode batch -> last token. The
-policies are the router's own objects and see `InstanceSnapshot`s rebuilt only for instances whose state
-changed since the last pick; a decode snapshot is as of the instance's last event (up to one chunk stale,
-as a published snapshot would be).
+prefill policy -> prefill batch -> first token (TTFT) -> KV transfer (within a node, or over the link between
+two: `Links`) -> decode batch -> last token. The policies are the router's own objects and see
+`InstanceSnapshot`s rebuilt only for instances whose state changed since the last pick; a decode snapshot is as
+of the instance's last event (up to one chunk stale, as a published snapshot would be).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from common.errors import Overloaded
-from pdserve_tools.sim.cost import CostModel
+from pdserve_tools.sim.cost import CostModel, Links
 from pdserve_tools.sim.decode import DecodeState, Seq
 from pdserve_tools.sim.prefill import PrefillState
 from pdserve_tools.sim.workload import BLOCK_TOKENS, SimRequest, WorkloadConfig, generate
@@ -39,6 +39,7 @@ class SimConfig:
     prefix_cache_blocks: int = 4096
     hold_per_instance: int = 128  # requests admission holds per decode instance before it rejects
     hold_timeout_s: float = math.inf  # a request held longer is rejected (its retry hint sends it elsewhere)
+    links: Links = field(default_factory=Links)  # the instances' nodes: what a KV transfer between them costs
 
     def __post_init__(self) -> None:
         if self.prefill_instances < 1 or self.decode_instances < 1:
@@ -146,7 +147,8 @@ class _Sim:
         for req in inst.finish():
             self.res.first_token_at[req.rid] = now
             self.decode[self.decode_of[req.rid]].placed[req.rid].set_generated(1)
-            self.push(now + self.cost.transfer_per_token_s * req.prompt_tokens, KV_LANDED, req.rid)
+            moved = self.c.links.transfer_s(self.cost, req.prompt_tokens, p, self.decode_of[req.rid])
+            self.push(now + moved, KV_LANDED, req.rid)
         self.pdirty.add(p)
         end = inst.start(now, self.cost, self.c.prefill_budget_tokens)
         if end is not None:

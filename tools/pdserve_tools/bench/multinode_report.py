@@ -1,0 +1,164 @@
+"""The figures of `pdserve bench multinode`, from what its runs measured: the JSON document and its tables. Pure.
+
+A `Measured` is one deployment's records: the connector's record of each probe transfer (`transfer.Sample`), the
+requests served through the router (TTFT, TPOT and per-phase timings as the probe saw them), the router's /metrics
+text, and, across nodes, the raw TCP sends of the same link. Per link (medians over requests, `stats.percentile`):
+
+- `kv_gbit`: KV bytes over the seconds spent inside the transport's send (the transfer bench's KV throughput),
+  `raw_gbit`: bytes over the seconds a plain socket send of a comparable size took to land, and
+  `transfer_vs_raw` = kv_gbit / raw_gbit (goal >= 0.8);
+- `exposed_share`: the part of the transfer the forward pass did not hide, with layer-wise streaming (goal <= 0.3);
+- `send_span_ms_p50` (first byte sent -> last byte sent) and `kv_wait_ms_p50` (the per-phase timing `kv_transfer`:
+  how long the decode engine waited for KV that had not landed);
+- TTFT and TPOT p50 and their ratios to the same 1P1D on one node (goals <= 1.2 and <= 1.1);
+- `transfer_failures`: `pdserve_kv_transfer_failures_total` (every reason) plus
+  `pdserve_kv_transfers_total{result="failed"}` (goal 0).
+
+The document's top-level `ttft_p50_ratio` and `tpot_p50_ratio` are the worst (highest) over the links, and
+`transfer_failures` is the sum over every deployment of the run, the one-node one included. A figure that cannot
+be computed (no samples, a zero baseline) is null.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from pdserve_tools.bench.report import table
+from pdserve_tools.bench.transfer import Sample
+from pdserve_tools.stats import percentile
+
+GOALS = {"transfer_vs_raw_min": 0.8, "exposed_share_max": 0.3, "ttft_p50_ratio_max": 1.2, "tpot_p50_ratio_max": 1.1,
+         "transfer_failures_max": 0}
+FAILURES = "pdserve_kv_transfer_failures_total"
+TRANSFERS = "pdserve_kv_transfers_total"
+
+
+@dataclass(frozen=True)
+class Measured:
+    """One deployment's records; `link_gbit` None: an unshaped link (or no link: one node)."""
+
+    link_gbit: float | None
+    samples: Sequence[Sample]
+    served: Sequence[dict[str, Any]]  # one per request: ttft_s, tpot_s, timings, error
+    metrics: str  # the router's /metrics text after the run
+    raw_bytes: int = 0  # bytes per raw send; 0: none measured (one node)
+    raw_seconds: Sequence[float] = field(default_factory=tuple)
+
+
+def transfer_failures(metrics: str) -> int:
+    """KV transfers that could not start (every reason) plus those that ended failed, from exposition text."""
+    total = 0.0
+    for line in metrics.splitlines():
+        name, _, rest = line.partition("{")
+        if line.startswith("#") or not line.strip():
+            continue
+        if name.split()[0] == FAILURES or (name == TRANSFERS and 'result="failed"' in rest):
+            total += float(line.split()[-1])
+    return int(total)
+
+
+def _median(values: Sequence[float]) -> float | None:
+    return percentile(values, 50) if values else None
+
+
+def _ratio(num: float | None, den: float | None) -> float | None:
+    if num is None or den is None or den <= 0 or not (math.isfinite(num) and math.isfinite(den)):
+        return None
+    return num / den
+
+
+def latency(m: Measured) -> dict[str, Any]:
+    """TTFT, TPOT and the decode's wait for KV over the requests served without error."""
+    ok = [s for s in m.served if not s.get("error")]
+    return {
+        "requests": len(m.served),
+        "request_errors": len(m.served) - len(ok),
+        "ttft_p50_s": _median([s["ttft_s"] for s in ok]),
+        "tpot_p50_s": _median([s["tpot_s"] for s in ok]),
+        "kv_wait_ms_p50": _median([s["timings"]["kv_transfer"] * 1e3 for s in ok]),
+        "transfer_failures": transfer_failures(m.metrics),
+    }
+
+
+def transfer(m: Measured) -> dict[str, Any]:
+    """The KV and raw throughput of the link, their ratio, and how much of the transfer the forward hid."""
+    kv = _median([s.gbps * 8 for s in m.samples])
+    raw = _median([m.raw_bytes * 8 / s / 1e9 for s in m.raw_seconds if s > 0]) if m.raw_bytes else None
+    return {
+        "raw_gbit": raw,
+        "kv_gbit": kv,
+        "transfer_vs_raw": _ratio(kv, raw),
+        "exposed_share": _median([s.exposed_share for s in m.samples]),
+        "send_span_ms_p50": _median([s.span_s * 1e3 for s in m.samples]),
+        "send_busy_ms_p50": _median([s.busy_s * 1e3 for s in m.samples]),
+        "kv_bytes_per_request": _median([float(s.bytes) for s in m.samples]),
+        "raw_bytes_per_send": m.raw_bytes,
+    }
+
+
+def link_figures(m: Measured, one_node: dict[str, Any]) -> dict[str, Any]:
+    lat = latency(m)
+    return {"link_gbit": m.link_gbit, **transfer(m), **lat,
+            "ttft_p50_ratio": _ratio(lat["ttft_p50_s"], one_node["ttft_p50_s"]),
+            "tpot_p50_ratio": _ratio(lat["tpot_p50_s"], one_node["tpot_p50_s"])}
+
+
+def _worst(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return max(known) if len(known) == len(values) and known else None
+
+
+def summarize(one_node: Measured, links: Sequence[Measured], settings: dict[str, Any]) -> dict[str, Any]:
+    """The JSON document of a run: the one-node baseline, every link's figures, the headline ratios and goals."""
+    raw_only = ("raw_gbit", "transfer_vs_raw", "raw_bytes_per_send")
+    base = {**latency(one_node), **{k: v for k, v in transfer(one_node).items() if k not in raw_only}}
+    per_link = [link_figures(m, base) for m in links]
+    ttft = _worst([f["ttft_p50_ratio"] for f in per_link])
+    tpot = _worst([f["tpot_p50_ratio"] for f in per_link])
+    failures = base["transfer_failures"] + sum(f["transfer_failures"] for f in per_link)
+    met = {
+        "transfer_vs_raw": all((f["transfer_vs_raw"] or 0.0) >= GOALS["transfer_vs_raw_min"] for f in per_link),
+        "exposed_share": all(f["exposed_share"] is not None and f["exposed_share"] <= GOALS["exposed_share_max"]
+                             for f in per_link),
+        "ttft_p50_ratio": ttft is not None and ttft <= GOALS["ttft_p50_ratio_max"],
+        "tpot_p50_ratio": tpot is not None and tpot <= GOALS["tpot_p50_ratio_max"],
+        "transfer_failures": failures <= GOALS["transfer_failures_max"],
+    }
+    return {"ttft_p50_ratio": ttft, "tpot_p50_ratio": tpot, "transfer_failures": failures,
+            "request_errors": base["request_errors"] + sum(f["request_errors"] for f in per_link),
+            "links": per_link, "one_node": base, "goals": GOALS, "met": met, "settings": settings}
+
+
+def link_name(gbit: float | None) -> str:
+    return "unshaped" if gbit is None else f"{gbit:g} Gbit/s"
+
+
+def _f(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1e3:.1f}"
+
+
+def render(r: dict[str, Any]) -> str:
+    """Two tables, transfer and latency, one row per link after the one-node baseline's."""
+    base = r["one_node"]
+    rows = [["one node", "-", _f(base["kv_gbit"]), "-", _f(base["exposed_share"]), _f(base["send_span_ms_p50"], 1),
+             _f(base["kv_wait_ms_p50"], 1), str(base["transfer_failures"])]]
+    rows += [[f"two nodes, {link_name(f['link_gbit'])}", _f(f["raw_gbit"]), _f(f["kv_gbit"]),
+              _f(f["transfer_vs_raw"]), _f(f["exposed_share"]), _f(f["send_span_ms_p50"], 1),
+              _f(f["kv_wait_ms_p50"], 1), str(f["transfer_failures"])] for f in r["links"]]
+    transfer_table = table(["layout, link (tbf)", "raw Gbit/s", "KV Gbit/s", "KV/raw (>= 0.8)", "exposed (<= 0.3)",
+                            "send span ms", "KV wait ms", "failures"], rows)
+    rows = [["one node", _ms(base["ttft_p50_s"]), "1.00", _ms(base["tpot_p50_s"]), "1.00",
+             str(base["request_errors"])]]
+    rows += [[f"two nodes, {link_name(f['link_gbit'])}", _ms(f["ttft_p50_s"]), _f(f["ttft_p50_ratio"]),
+              _ms(f["tpot_p50_s"]), _f(f["tpot_p50_ratio"]), str(f["request_errors"])] for f in r["links"]]
+    latency_table = table(["layout, link (tbf)", "TTFT p50 ms", "x one node (<= 1.2)", "TPOT p50 ms",
+                           "x one node (<= 1.1)", "request errors"], rows)
+    met = ", ".join(f"{k} {'met' if v else 'NOT met'}" for k, v in r["met"].items())
+    return f"{transfer_table}\n\n{latency_table}\n\ngoals: {met}"
