@@ -60,8 +60,8 @@ def init_ray(config: RayConfig) -> None:
         ray.init(address=config.address, namespace=config.namespace, log_to_driver=config.log_to_driver)
 
 
-def worker_env(engine: EngineConfig, secret: str) -> dict[str, str]:
-    """The environment of every worker actor's process."""
+def worker_env(engine: EngineConfig) -> dict[str, str]:
+    """The environment of every engine's process (the cluster adds the secret to its workers')."""
     return {
         # Ray starts worker processes at nice 15; an engine there loses its core to any nice-0 process (the
         # router, Ray's own agents) and its steps slow down. Engines run at normal priority.
@@ -71,7 +71,6 @@ def worker_env(engine: EngineConfig, secret: str) -> dict[str, str]:
         # vLLM 0.32's ahead-of-time compile cache fails to load back ("'function' object has no attribute
         # 'finalize_loading'") and recompiles on every start; its older cache path reloads.
         "VLLM_USE_AOT_COMPILE": "0",
-        SECRET_ENV: secret,  # KV links and request channels accept only holders of the secret
     }
 
 
@@ -115,7 +114,8 @@ async def _bindings(workers: list[Worker]) -> dict[str, Binding]:
 async def start_workers(config: ServeConfig, model_dir: str, secret: str) -> tuple[list[Instance], dict[str, Binding]]:
     """Starts every pool's actors and engines; the instances, and each one's core binding (none: unbound)."""
     run = time.time_ns() // 1_000_000  # names this deployment's actors apart from a stopped one's
-    env = worker_env(config.engine, secret)
+    # KV links and request channels accept only holders of the secret.
+    env = {**worker_env(config.engine), SECRET_ENV: secret}
     workers = []
     for role, pool in config.workers.pools():
         engine = pool.engine_config(config.engine)

@@ -48,7 +48,6 @@ from typing import Any, Protocol
 import aiohttp
 from aiohttp import web
 
-from kv_transfer.transport import SECRET_ENV
 from pdserve.config import EngineConfig
 from worker.binding import bind_node
 
@@ -83,8 +82,7 @@ def instance_env(index: int, instances: int, cpus_per_instance: int, engine: Eng
 
     binding = bind_node([cpus_per_instance] * instances, os.cpu_count() or 1)[index]
     env = dict(os.environ)
-    env.update(worker_env(engine, secret=""))
-    del env[SECRET_ENV]
+    env.update(worker_env(engine))
     env["VLLM_CPU_OMP_THREADS_BIND"] = binding.omp_bind()
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     return env
