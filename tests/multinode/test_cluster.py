@@ -14,50 +14,22 @@ One deployment serves the whole module, and its tests run in this order:
 
 from __future__ import annotations
 
-import subprocess
 from typing import Any
 
 import pytest
 
-from tests.multinode.conftest import PROMPTS, Cluster, Served, serve
+from pdserve_tools.netns import Cluster, netns_of
+from tests.multinode.conftest import PROMPTS, inspect, sample, serve, total
 
 pytestmark = pytest.mark.integration
 
 DEADLINE_S = 30.0  # transfer.deadline_s: what a request would stall for if nothing noticed the failure
 
 
-def sample(metrics: str, name: str, **labels: str) -> float:
-    """The value of one sample in Prometheus exposition text (0 when absent)."""
-    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-    key = f"{name}{{{want}}}" if labels else name
-    for line in metrics.splitlines():
-        if line.startswith(key + " "):
-            return float(line.split()[-1])
-    return 0.0
-
-
-def total(metrics: str, name: str) -> float:
-    """The sum of a metric's samples over all their labels."""
-    return sum(float(line.split()[-1]) for line in metrics.splitlines()
-               if line.startswith((name + " ", name + "{")))
-
-
-def netns_of(pid: int) -> str:
-    return subprocess.run(["ip", "netns", "identify", str(pid)], capture_output=True, text=True, check=True,
-                          timeout=30).stdout.strip()
-
-
-def inspect(served: Served) -> dict[str, Any]:
-    """The workers as a second driver sees them, and the start-up check of the links run against them."""
-    c = served.cluster
-    report: dict[str, Any] = c.python(c.a, "tests.multinode.inspect_cluster", "--address", c.address,
-                                      "--namespace", served.namespace)
-    return report
-
-
 @pytest.fixture(scope="module")
 def served(cluster: Cluster, tiny_model, tmp_path_factory):
-    with serve(cluster, tiny_model, tmp_path_factory.mktemp("pdserve"), deadline_s=DEADLINE_S) as s:
+    with serve(cluster, tiny_model, tmp_path_factory.mktemp("pdserve"), "pdserve-1p1d",
+               decode={"instances": 1, "resources": {cluster.b.resource: 1}}, deadline_s=DEADLINE_S) as s:
         yield s
 
 

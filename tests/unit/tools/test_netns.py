@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from pdserve_tools.netns import NamespaceError, Node, kill_by_id, node_pair, two_nodes
+from pdserve_tools.netns import NamespaceError, Node, kill_by_id, make_nodes, node_pair, two_nodes
 
 
 def test_namespaces_that_cannot_be_made_raise_namespace_error_and_leave_nothing():
@@ -33,3 +33,12 @@ def test_kill_by_id_terminates_and_kills_what_ignores_sigterm():
     kill_by_id([polite.pid, stubborn.pid], grace_s=0.5)
     assert polite.wait(timeout=10) == -15 and stubborn.wait(timeout=10) == -9
     assert time.monotonic() - started < 5
+
+
+def test_three_nodes_each_with_its_own_address_device_and_switch_port_and_a_shared_resource():
+    a, b, c = make_nodes("abc123", ("p", "nb", "nc"), also=((), ("d",), ("d",)))
+    assert [n.ip for n in (a, b, c)] == ["10.213.0.1", "10.213.0.2", "10.213.0.3"]
+    assert c.netns == "pdmnC-abc123"
+    devices = {n.dev for n in (a, b, c)} | {n.port for n in (a, b, c)}
+    assert len(devices) == 6 and all(len(d) <= 15 for d in devices)
+    assert (a.resources, b.resources, c.resources) == ({"p": 1}, {"nb": 1, "d": 1}, {"nc": 1, "d": 1})
