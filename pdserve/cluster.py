@@ -19,6 +19,7 @@ from typing import Any
 import grpc
 import ray
 
+from common.loop_lag import LoopLag
 from common.roles import Role
 from decode.worker import DecodeWorker, consumer_role
 from kv_transfer.transport import SECRET_ENV
@@ -29,7 +30,6 @@ from pdserve.supervisor import Supervisor, supervise
 from prefill.worker import PrefillWorker, producer_role
 from router.admission import Gate
 from router.channel import WorkerChannel
-from router.loop_lag import LoopLag
 from router.metrics import RouterMetrics, serve_metrics
 from router.placement import make_policy
 from router.predictor.prediction import TextPredictor

@@ -13,15 +13,15 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+from common.loop_lag import LAG_BUCKETS
 from router.timings import PhaseTimings
 
 # Latencies of a CPU-served small model span milliseconds to minutes.
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
-_LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 _RELATIVE_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10)
 _PHASES = ("router_queue", "prefill_queue", "prefill_compute", "kv_transfer", "decode_queue",
            "first_decode_step", "decode")
@@ -57,7 +57,7 @@ class RouterMetrics:
                                    "reason", ["reason"], registry=r)
         self.loop_lag = Histogram("pdserve_event_loop_lag_seconds", "How late the router's event loop woke a "
                                   "timer (sampled every 0.1 s): what every stream it serves waited extra",
-                                  buckets=_LAG_BUCKETS, registry=r)
+                                  buckets=LAG_BUCKETS, registry=r)
         self.resumed = Counter("pdserve_requests_resumed", "Times a request moved to another instance after its "
                                "worker was lost", registry=r)
         self.running = Gauge("pdserve_requests_running", "Requests placed on an instance and not ended",
@@ -116,7 +116,7 @@ class _PoolCollector(Collector):
         self._instances = instances
         self._admission_waiting = admission_waiting
 
-    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily | HistogramMetricFamily]:
         labels = ["instance", "role"]
         healthy = GaugeMetricFamily("pdserve_instance_healthy", "1 while the instance is in the pool", labels=labels)
         outstanding = GaugeMetricFamily("pdserve_instance_outstanding_requests",
@@ -128,6 +128,9 @@ class _PoolCollector(Collector):
                                "Share of the instance's KV blocks in use, 0 to 1 (last heartbeat)", labels=labels)
         preempted = CounterMetricFamily("pdserve_instance_preemptions", "Requests the instance's engine preempted "
                                         "because its KV blocks ran out (last heartbeat)", labels=labels)
+        lag = HistogramMetricFamily("pdserve_worker_event_loop_lag_seconds", "How late the worker actor's event "
+                                    "loop woke a timer (sampled every 0.1 s; as of the last heartbeat): what each "
+                                    "stream it serves waited extra", labels=labels)
         for i in self._instances():
             key = [i.instance_id, i.role]
             healthy.add_metric(key, float(i.healthy))
@@ -136,10 +139,13 @@ class _PoolCollector(Collector):
                 waiting.add_metric(key, float(i.stats.waiting))
                 kv.add_metric(key, float(i.stats.kv_cache_usage))
                 preempted.add_metric(key, float(i.stats.preemptions))
+                if (h := i.stats.loop_lag) is not None:
+                    buckets = [(str(bound), float(n)) for bound, n in zip(LAG_BUCKETS, h.le, strict=True)]
+                    lag.add_metric(key, [*buckets, ("+Inf", float(h.count))], h.sum_s)
         queue = GaugeMetricFamily("pdserve_admission_waiting_requests",
                                   "Requests waiting for an admission slot (router.max_outstanding)")
         queue.add_metric([], float(self._admission_waiting()))
-        yield from (healthy, outstanding, waiting, kv, preempted, queue)
+        yield from (healthy, outstanding, waiting, kv, preempted, lag, queue)
 
 
 def serve_metrics(metrics: RouterMetrics, host: str, port: int) -> tuple[Any, int]:

@@ -18,6 +18,7 @@ from typing import Any
 import ray
 
 from common.channel import fields
+from common.loop_lag import LagTally, LoopLag
 from common.results import EngineChunk, EngineInfo, EngineStats
 from common.sampling import SamplingSpec
 from kv_transfer.transport import SECRET_ENV
@@ -38,6 +39,8 @@ class EngineHost:
         self._kv = kv
         self._engine: Engine | None = None
         self._server: ChannelServer | None = None
+        self._lag = LagTally()
+        self._lag_sampler: LoopLag | None = None
 
     def handlers(self) -> dict[str, Handler]:
         """The request-channel methods this worker serves, by name."""
@@ -70,6 +73,8 @@ class EngineHost:
                                                 os.environ[SECRET_ENV], self._channel_port)
             engine.info = dataclasses.replace(engine.info, request_address=address)
             self._engine = engine
+            self._lag_sampler = LoopLag(self._lag.observe)  # this actor's loop serves every request's chunks
+            self._lag_sampler.start()
             # Bound only now: the engine's processes, started above, must not inherit these cores.
             if binding is not None and binding.spare_cores:
                 bind_process(set(binding.spare_cores))
@@ -99,7 +104,7 @@ class EngineHost:
         await self._ready().abort(request_id)
 
     async def stats(self) -> EngineStats:
-        return self._ready().stats()
+        return dataclasses.replace(self._ready().stats(), loop_lag=self._lag.histogram())
 
     async def wait_idle(self, timeout: float) -> EngineStats:
         return await self._ready().wait_idle(timeout)
@@ -116,6 +121,9 @@ class EngineHost:
         return os.getpid()
 
     async def shutdown(self) -> None:
+        if self._lag_sampler is not None:
+            await self._lag_sampler.stop()
+            self._lag_sampler = None
         if self._server is not None:
             await self._server.stop(grace=None)
             self._server = None

@@ -205,3 +205,6 @@ def test_a_request_shows_in_prometheus(prometheus, deployment):
     assert prometheus.value(f'sum(pdserve_instance_healthy{{job="{JOB}"}})') == instances
     usage = prometheus.query(f'pdserve_instance_kv_cache_usage_ratio{{job="{JOB}"}}')
     assert len(usage) == instances and all(0 <= float(u["value"][1]) <= 1 for u in usage)
+    # Each worker actor's event-loop lag, sampled by the worker and carried by its heartbeats.
+    lag = prometheus.query(f'pdserve_worker_event_loop_lag_seconds_count{{job="{JOB}"}}')
+    assert len(lag) == instances and all(float(s["value"][1]) > 0 for s in lag)

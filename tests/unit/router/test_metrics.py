@@ -1,5 +1,6 @@
 import pytest
 
+from common.loop_lag import LagTally
 from router.metrics import RouterMetrics
 from router.timings import PhaseTimings
 
@@ -58,3 +59,13 @@ def test_pool_gauges_are_read_from_the_registry_at_scrape_time():
     assert value(m, "pdserve_instance_kv_cache_usage_ratio", instance="decode-0", role="decode") == 0.25
     assert value(m, "pdserve_instance_waiting_requests", instance="decode-0", role="decode") == 5
     assert value(m, "pdserve_admission_waiting_requests") == 7
+    # The worker actor's loop lag, as its heartbeat carried it: a histogram per instance.
+    tally = LagTally()
+    for seconds in (0.0005, 0.02, 3.0):
+        tally.observe(seconds)
+    decode.stats = EngineStats(loop_lag=tally.histogram())
+    lag = {"instance": "decode-0", "role": "decode"}
+    assert value(m, "pdserve_worker_event_loop_lag_seconds_bucket", le="0.001", **lag) == 1
+    assert value(m, "pdserve_worker_event_loop_lag_seconds_bucket", le="0.025", **lag) == 2
+    assert value(m, "pdserve_worker_event_loop_lag_seconds_bucket", le="+Inf", **lag) == 3
+    assert value(m, "pdserve_worker_event_loop_lag_seconds_sum", **lag) == 3.0205
