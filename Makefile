@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint proto bench-overhead bench-serve bench-placement fuzz chaos clean prometheus
+.PHONY: demo test test-fast lint gpu-check proto bench-overhead bench-serve bench-placement fuzz chaos clean prometheus
 
 # The Prometheus tests run the real server and promtool (Debian's package). The tests start their own server, so
 # the system service the package installs is disabled where systemd runs.
@@ -42,6 +42,11 @@ test-fast: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy $(TYPED)
+
+# On a GPU machine only (never CI): installs the wheels in .whl (cupy-cuda12x, nvidia-nccl-cu12, pytest, vLLM for
+# CUDA if there), runs tests/gpu and the NCCL bandwidth bench, writes docs/benchmarks/nccl-gpu.json; under 6 minutes.
+gpu-check:
+	PYTHONPATH=.:tools python3 -m pdserve_tools.gpu_check --wheels .whl --out docs/benchmarks/nccl-gpu.json
 
 proto: $(STAMP)
 	$(BIN)/python proto/generate.py

@@ -16,7 +16,9 @@ class TransferConfig:
     """How KV moves from prefill to decode workers (disaggregated mode).
 
     `transport`: "auto" (shared memory between two workers of one node, tcp between nodes, chosen per pair by the
-    prefill), "tcp" (loopback on one node, or across nodes) or "shm" (processes of one node only). At one layer's
+    prefill), "tcp" (loopback on one node, or across nodes), "shm" (processes of one node only) or "nccl" (GPU
+    engines only: each layer's KV from GPU to GPU through NCCL, one communicator per prefill/decode pair, with a
+    tcp link beside it for control; a pair on one GPU is refused and recomputes). At one layer's
     message size (about 1.5 MB for SmolLM2 at 1,024 tokens) tcp measured faster here than shm, whose ring pays off
     only on bigger messages.
     `bind_host`: where a decode worker's tcp listener binds on its node: an address ("0.0.0.0", all interfaces,
@@ -35,7 +37,7 @@ class TransferConfig:
     connection or a stalled peer, alternately); 0 (the default) never.
     """
 
-    transport: Literal["auto", "shm", "tcp"] = "auto"
+    transport: Literal["auto", "shm", "tcp", "nccl"] = "auto"
     bind_host: str = "0.0.0.0"
     advertise_cidr: str | None = None
     kv_port: int = 0
@@ -51,8 +53,8 @@ class TransferConfig:
     def __post_init__(self) -> None:
         if self.fault_every < 0:
             raise ValueError(f"transfer.fault_every must be >= 0 (0: off), got {self.fault_every}")
-        if self.transport not in ("auto", "shm", "tcp"):
-            raise ValueError(f"transfer.transport must be 'auto', 'shm' or 'tcp', got {self.transport!r}")
+        if self.transport not in TRANSPORTS:
+            raise ValueError(f"transfer.transport must be one of {_quoted(TRANSPORTS)}, got {self.transport!r}")
         try:
             ipaddress.ip_network(self.bind_host, strict=False)
         except ValueError:
@@ -72,6 +74,24 @@ class TransferConfig:
             raise ValueError(f"transfer.receive_buffer_mib must be >= 1, got {self.receive_buffer_mib}")
         if self.min_prompt_tokens < 0:
             raise ValueError(f"transfer.min_prompt_tokens must be >= 0, got {self.min_prompt_tokens}")
+
+
+    def check_engine(self, gpu: bool) -> None:
+        """Refuse a transport the engine cannot run: "nccl" on an engine without a GPU."""
+        if self.transport in GPU_TRANSPORTS and not gpu:
+            raise ValueError(
+                f"transfer.transport: {self.transport!r} needs GPU engines (workers' gpus >= 1, vLLM for CUDA); "
+                f"this engine has no GPU: use one of {_quoted(CPU_TRANSPORTS)}"
+            )
+
+
+TRANSPORTS = ("auto", "shm", "tcp", "nccl")
+GPU_TRANSPORTS = ("nccl",)
+CPU_TRANSPORTS = tuple(t for t in TRANSPORTS if t not in GPU_TRANSPORTS)
+
+
+def _quoted(names: tuple[str, ...]) -> str:
+    return ", ".join(repr(n) for n in names)
 
 
 @dataclass(frozen=True, slots=True)

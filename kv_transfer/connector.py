@@ -29,17 +29,19 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
 
-from kv_transfer import shm, tcp
-from kv_transfer.address import KVAddress, tcp_hosts
+from kv_transfer import nccl_transport, shm, tcp
+from kv_transfer.address import TCP, KVAddress, NoRoute, route, tcp_hosts
 from kv_transfer.config import ConnectorSettings
 from kv_transfer.dial import Dialer
 from kv_transfer.endpoint import Endpoint
 from kv_transfer.link import Listener
+from kv_transfer.nccl import NcclConfig
+from kv_transfer.nccl_transport import NcclPlane
 from kv_transfer.params import Spec, block_runs, from_params
 from kv_transfer.planner import Scheduled, StepPlan, TransferPlanner
 from kv_transfer.receiver import Receiver
-from kv_transfer.sender import Outgoing, Sender
-from kv_transfer.transport import SECRET_ENV, TransportConfig
+from kv_transfer.sender import Dial, Outgoing, Sender
+from kv_transfer.transport import SECRET_ENV, Transport, TransportConfig
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -72,17 +74,21 @@ def local_addresses() -> list[str]:
             if a.family in (socket.AF_INET, socket.AF_INET6)]
 
 
-def listen(s: ConnectorSettings, config: TransportConfig) -> Receiver:
-    """The decode worker's listeners, one per route its transport offers, and the address that names them all."""
+def listen(s: ConnectorSettings, config: TransportConfig, plane: NcclPlane | None) -> Receiver:
+    """The decode worker's listeners, one per route its transport offers, and the address that names them all
+    (`plane`: the worker's NCCL side, for transport "nccl": its control links come in over tcp)."""
     listeners: list[Listener[Any]] = []
     shm_name, tcp_address = None, None
     try:
         if s.transfer.transport in ("auto", "shm"):
             listeners.append(shm.listen(config))
             shm_name = listeners[-1].address
-        if s.transfer.transport in ("auto", "tcp"):
+        if s.transfer.transport in ("auto", "tcp", "nccl"):
             bind, advertise = tcp_hosts(s.transfer, s.node_ip, local_addresses())
-            listeners.append(tcp.listen(config, host=bind, port=s.transfer.kv_port))
+            if plane is not None:
+                listeners.append(nccl_transport.listen(config, plane, host=bind, port=s.transfer.kv_port))
+            else:
+                listeners.append(tcp.listen(config, host=bind, port=s.transfer.kv_port))
             tcp_address = (advertise, listeners[-1].address[1])
     except BaseException:
         for listener in listeners:
@@ -91,6 +97,31 @@ def listen(s: ConnectorSettings, config: TransportConfig) -> Receiver:
     address = KVAddress(s.node_id, shm_name, tcp_address)
     log.info("%s: KV listener at %s", s.instance_id, address)
     return Receiver(listeners, str(address), s.transfer.lease_s)
+
+
+def nccl_plane(s: ConnectorSettings) -> NcclPlane | None:
+    """The worker's NCCL side when the transport is "nccl" (a config error on an engine without a GPU)."""
+    s.transfer.check_engine(gpu=torch.cuda.is_available())
+    if s.transfer.transport != "nccl":
+        return None
+    from kv_transfer.cupy_comm import CupyBackend  # cupy only where it is used
+
+    return NcclPlane(NcclConfig(Endpoint(s.instance_id, s.epoch)), CupyBackend(torch.cuda.current_device()))
+
+
+def nccl_dialer(config: TransportConfig, plane: NcclPlane, local_node: str) -> Dial:
+    """Dials a decode worker's control link (its tcp route) for the nccl transport."""
+
+    def dial(address: str, timeout: float) -> Transport:
+        try:
+            kind, target = route(address, local_node)
+        except ValueError as e:
+            raise NoRoute(str(e)) from e
+        if kind != TCP or not isinstance(target, tuple):
+            raise NoRoute(f"the nccl transport needs the decode worker's tcp route, {address!r} offers none")
+        return nccl_transport.connect(target, config, plane, timeout)
+
+    return dial
 
 
 RECORD_KINDS = ("dial", "sent", "recv")
@@ -128,9 +159,13 @@ class KVWorker:
         config = transport_config(s)
         self._num_blocks = num_blocks
         self._connect_timeout = s.transfer.connect_timeout_s
+        self._plane = nccl_plane(s)
         self.dialer = Dialer(config, s.node_id) if producer else None
-        self.sender = Sender(self.dialer, self._connect_timeout, s.transfer.fault_every) if self.dialer else None
-        self.receiver = listen(s, config) if consumer else None
+        dial: Dial | None = self.dialer
+        if self.dialer is not None and self._plane is not None:
+            dial = nccl_dialer(config, self._plane, s.node_id)
+        self.sender = Sender(dial, self._connect_timeout, s.transfer.fault_every) if dial else None
+        self.receiver = listen(s, config, self._plane) if consumer else None
         self._layers: list[torch.Tensor] = []  # per layer: [num_blocks, block bytes] as uint8
         self._index: dict[str, int] = {}
         self._outgoing: dict[str, Outgoing] = {}
@@ -152,8 +187,12 @@ class KVWorker:
             self._index[name] = len(self._layers)
             self._layers.append(kv.view(torch.uint8).reshape(self._num_blocks, -1))
 
-    def block_views(self, layer: int, block_ids: tuple[int, ...]) -> list[memoryview]:
-        """The blocks' bytes in order, one view per run of consecutive block ids (one contiguous span each)."""
+    def block_views(self, layer: int, block_ids: tuple[int, ...]) -> list[Any]:
+        """The blocks' bytes in order, one view per run of consecutive block ids (one contiguous span each):
+        memoryviews of host memory, or slices of the device tensor for the nccl transport."""
+        if self._plane is not None:
+            kv = self._layers[layer]  # [num_blocks, block bytes] on the GPU
+            return [kv[start:stop] for start, stop in block_runs(block_ids)]
         arr = self._layers[layer].numpy()
         return [memoryview(arr[start:stop]).cast("B")  # type: ignore[arg-type]  # numpy arrays are buffers
                 for start, stop in block_runs(block_ids)]
@@ -189,6 +228,10 @@ class KVWorker:
         done = self._submitted[req_id]
         if layer not in done:
             done.add(layer)
+            if self._plane is not None:
+                # NCCL reads the blocks on its own stream: the kernels that wrote them must be done first.
+                # (Waiting on an event recorded here, on NCCL's stream, would keep the overlap; not done yet.)
+                torch.cuda.current_stream().synchronize()
             self.sender.submit(self._outgoing[req_id], layer, self.block_views(layer, job.block_ids))
 
     def finished(self, finished_req_ids: set[str]) -> tuple[set[str], set[str]]:
@@ -246,6 +289,8 @@ class KVWorker:
             self.sender.close()
         if self.receiver is not None:
             self.receiver.close()
+        if self._plane is not None:
+            self._plane.close()
 
 
 class PdConnector(KVConnectorBase_V1):

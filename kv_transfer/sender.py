@@ -131,7 +131,7 @@ class Sender:
         out.first_send = out.first_send or start
         out.last_send = time.time()
         out.send_seconds.append(out.last_send - start)
-        out.bytes += sum(len(v) for v in views)
+        out.bytes += sum(v.nbytes for v in views)  # host memoryviews or device tensors
         if fault == DROP:
             self._drop(out.spec.peer)
             out.error = "injected fault: dropped connection"

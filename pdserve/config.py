@@ -115,6 +115,12 @@ class ServeConfig:
                 pool.engine_config(self.engine)
             except ValueError as e:
                 raise ValueError(f"workers.{role}.engine: {e}") from None
+        if self.workers.mode == "disaggregated":
+            for role, pool in self.workers.pools():
+                try:
+                    self.transfer.check_engine(gpu=pool.gpus >= 1)
+                except ValueError as e:
+                    raise ValueError(f"workers.{role}: {e}") from None
 
 
 _STRICT = ConfigDict(extra="forbid")

@@ -1,1 +1,1 @@
-"""Code serving never imports (a test checks): the NCCL transport and its pool, the transfer ticket and ledger."""
+"""Code serving never imports (a test checks): the transfer ticket and its ledger."""

@@ -16,9 +16,10 @@ from typing import Any
 
 import pytest
 
+from kv_transfer.cupy_comm import CupyBackend
 from kv_transfer.endpoint import Endpoint
-from kv_transfer.experimental.nccl import NcclConfig, NcclLink, SameDevice, device_uuid
-from kv_transfer.experimental.nccl_keys import Go, Offer, Reject, TransferKey
+from kv_transfer.nccl import NcclConfig, NcclLink, SameDevice
+from kv_transfer.nccl_keys import Go, Offer, Reject, TransferKey
 from kv_transfer.transport import TransportTimeout
 
 
@@ -90,7 +91,7 @@ def _sender(device: int, control: QueueControl, plan: dict[str, Any], out: Any) 
     import cupy
 
     try:
-        link = NcclLink(NcclConfig(PREFILL, device), control)
+        link = NcclLink(NcclConfig(PREFILL), control, CupyBackend(device))
         with cupy.cuda.Device(device):
             for attempt, stall in enumerate(plan["stall"]):
                 for layer in range(LAYERS):
@@ -114,7 +115,7 @@ def _receiver(device: int, control: QueueControl, plan: dict[str, Any], out: Any
     import cupy
 
     try:
-        link = NcclLink(NcclConfig(DECODE, device), control)
+        link = NcclLink(NcclConfig(DECODE), control, CupyBackend(device))
         results = []
         with cupy.cuda.Device(device):
             for attempt in range(len(plan["stall"])):
@@ -142,7 +143,7 @@ def _run_pair(plan: dict[str, Any]) -> dict[str, Any]:
     ctx = mp.get_context("spawn")
     manager = ctx.Manager()
     queues = {name: manager.Queue() for name in ("ids", "offers", "answers", "events")}
-    devices = {PREFILL.instance_id: device_uuid(0), DECODE.instance_id: device_uuid(1)}
+    devices = {PREFILL.instance_id: CupyBackend(0).device_uuid(), DECODE.instance_id: CupyBackend(1).device_uuid()}
     out = ctx.Queue()
     procs = [
         ctx.Process(target=_sender, args=(0, QueueControl(queues, devices), plan, out)),
@@ -177,13 +178,13 @@ def test_a_stalled_peer_is_aborted_within_its_deadline_and_the_pair_rebuilt() ->
 
 
 def test_a_pair_on_one_gpu_is_refused_before_anything_is_built() -> None:
-    same = {PREFILL.instance_id: device_uuid(0), DECODE.instance_id: device_uuid(0)}
-    link = NcclLink(NcclConfig(PREFILL, 0), QueueControl({}, same))
+    same = {PREFILL.instance_id: CupyBackend(0).device_uuid(), DECODE.instance_id: CupyBackend(0).device_uuid()}
+    link = NcclLink(NcclConfig(PREFILL), QueueControl({}, same), CupyBackend(0))
     import cupy
 
-    with pytest.raises(SameDevice, match="CUDA IPC"):
+    with pytest.raises(SameDevice, match="one device"):
         link.send(DECODE, TransferKey("r", 1, 0), [cupy.zeros(16, dtype=cupy.uint8)], timeout=1.0)
-    assert link._pool.pairs() == []  # nothing reserved in the budget
+    assert link.pairs() == []  # nothing reserved in the budget
 
 
 def raw_copy_gbps(nbytes: int, repeats: int = 20, device: int = 0) -> float:

@@ -94,3 +94,11 @@ def test_pools_reserve_their_resources_and_override_the_engine():
 def test_bad_pools_name_the_field(workers, message):
     with pytest.raises(ValueError, match=message):
         config_from_dict({"workers": workers})
+
+
+def test_the_nccl_transport_needs_gpu_pools_and_says_so_at_load():
+    with pytest.raises(ValidationError, match=r"workers.prefill: transfer.transport: 'nccl' needs GPU engines"):
+        config_from_dict({"transfer": {"transport": "nccl"}})
+    gpu = {"instances": 1, "gpus": 1}
+    config = config_from_dict({"transfer": {"transport": "nccl"}, "workers": {"prefill": gpu, "decode": gpu}})
+    assert config.transfer.transport == "nccl"

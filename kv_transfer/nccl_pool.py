@@ -125,6 +125,7 @@ class PairView:
     state: CommState
     leases: int
     last_used: float
+    maker_generation: int = -1  # the sender's generation it was built from; -1 until built
 
 
 class CommPool:
@@ -228,7 +229,7 @@ class CommPool:
 
     def pairs(self) -> list[PairView]:
         return [
-            PairView(p.peer, p.generation, p.state, len(p.leases), p.last_used)
+            PairView(p.peer, p.generation, p.state, len(p.leases), p.last_used, p.maker_generation)
             for _, p in sorted(self._pairs.items())
         ]
 

@@ -1,17 +1,18 @@
-"""The `nccl` transport: one layer of KV at a time from a prefill GPU straight into a decode GPU's KV blocks.
+"""`NcclLink`: one layer of KV at a time from a prefill GPU straight into a decode GPU's KV blocks.
 
 A thin shell over `nccl_pool` and `nccl_keys`: the pool decides which communicators live, the matching rules
-decide what goes on the wire; this module turns those decisions into `cupy.cuda.nccl` calls. cupy is imported
-at first use, so this module imports on hosts without a GPU; `NcclUnavailable` names what is missing when it is
-used there.
+decide what goes on the wire; this module turns those decisions into calls on a `communicator.Backend`
+(`cupy_comm.CupyBackend` on GPUs; `socket_comm.SocketBackend` runs the same logic on CPUs) and asks the peer
+through a `Control` (`nccl_control.LinkControl`, over the pair's authenticated tcp link).
 
-    link = NcclLink(NcclConfig(endpoint, device=0), control)
+    link = NcclLink(NcclConfig(endpoint), control, CupyBackend(device=0))
     link.send(decode, TransferKey(rid, my_epoch, layer), [kv_views...], timeout, after=forward_done)   # prefill
     link.recv(prefill, TransferKey(rid, prefill.epoch, layer), [block_views...], timeout)             # decode
 
 Contract (the `Transport` one, for device buffers, one way):
-- Buffers are C-contiguous device arrays (anything with `__cuda_array_interface__`: cupy arrays, torch CUDA
-  tensors) on this link's device; a message is their concatenation, received scattered across `into`.
+- Buffers are what the backend moves (`Backend.spans`: device arrays with `__cuda_array_interface__` on this
+  link's GPU for CuPy, host buffers for the socket backend);
+  a message is their concatenation, received scattered across `into`.
 - `send` returns once NCCL has read the buffers (the caller may then free the KV blocks); `recv` returns the
   byte count once they have landed. Both run on one dedicated stream per communicator; `after` (a CUDA event
   recorded where the KV was written) orders the send behind the forward pass that wrote it.
@@ -21,11 +22,8 @@ Contract (the `Transport` one, for device buffers, one way):
   transfer in flight on it fails (`TransportTimeout` for the late one, `PeerGone` for the rest) and the next
   transfer builds a new generation with a new id. Nothing is ever left posted on a dead communicator, so the
   caller's ticket fails through the usual protocol and frees its blocks.
-- A peer on the same GPU cannot be reached (NCCL refuses two ranks on one device): `SameDevice`, raised before
-  anything is built; the caller routes such pairs to a CPU transport (`choose_path`).
-
-Known limit: cupy exposes only the blocking `ncclCommInitRank`. The build runs on its own thread and the caller
-gives up at its deadline, but a peer that never joins keeps that thread inside NCCL until the process exits.
+- A peer on the same device cannot be reached (NCCL refuses two ranks on one device): `SameDevice`, raised
+  before anything is built; the caller routes such pairs to a CPU transport (`choose_path`).
 """
 
 from __future__ import annotations
@@ -36,8 +34,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from kv_transfer.communicator import Backend, CommFailed, Communicator, Pending
 from kv_transfer.endpoint import Endpoint
-from kv_transfer.experimental.nccl_keys import (
+from kv_transfer.nccl_keys import (
     RECEIVER_RANK,
     SENDER_RANK,
     Expect,
@@ -52,12 +51,8 @@ from kv_transfer.experimental.nccl_keys import (
     match,
     split,
 )
-from kv_transfer.experimental.nccl_pool import CommPool, CommState, Create, Evict, Lease, PoolConfig, Refuse
+from kv_transfer.nccl_pool import CommPool, CommState, Create, Evict, Lease, PairView, PoolConfig, Refuse
 from kv_transfer.transport import PeerGone, SizeMismatch, TransportError, TransportTimeout
-
-
-class NcclUnavailable(TransportError):
-    """cupy, NCCL or a GPU is missing on this host."""
 
 
 class SameDevice(TransportError, NotImplementedError):
@@ -94,58 +89,9 @@ class Control(Protocol):
 @dataclass(frozen=True, slots=True)
 class NcclConfig:
     endpoint: Endpoint
-    device: int
     budget_bytes: int = 1 << 30
     comm_bytes: int = 128 << 20  # NCCL's buffers for one peer-to-peer communicator, with default settings
-    poll_s: float = 0.0002  # how often a wait looks at its CUDA event
-
-
-def id_to_bytes(unique_id: Sequence[int]) -> bytes:
-    """cupy's unique id (128 C chars, signed) as bytes for the wire."""
-    return bytes(b & 0xFF for b in unique_id)
-
-
-def id_from_bytes(raw: bytes) -> tuple[int, ...]:
-    return tuple(b - 256 if b > 127 else b for b in raw)
-
-
-def device_spans(buffers: Sequence[Any], device: int) -> list[tuple[int, int]]:
-    """(address, bytes) of each C-contiguous device buffer, in order."""
-    spans = []
-    for buf in buffers:
-        face = buf.__cuda_array_interface__
-        shape, strides = tuple(face["shape"]), face.get("strides")
-        itemsize = int(face["typestr"][2:])
-        nbytes = itemsize
-        for dim in shape:
-            nbytes *= dim
-        if strides is not None and nbytes and tuple(strides) != _c_strides(shape, itemsize):
-            raise ValueError("nccl transport buffers must be C-contiguous")
-        dev = getattr(buf, "device", None)
-        index = getattr(dev, "index", getattr(dev, "id", device))
-        if index is not None and index != device:
-            raise ValueError(f"a buffer is on device {index}, the link on device {device}")
-        spans.append((int(face["data"][0]), nbytes))
-    return spans
-
-
-def _c_strides(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
-    strides, step = [], itemsize
-    for dim in reversed(shape):
-        strides.append(step)
-        step *= dim
-    return tuple(reversed(strides))
-
-
-def _cupy() -> tuple[Any, Any]:
-    try:
-        import cupy
-        from cupy.cuda import nccl
-    except ImportError as exc:
-        raise NcclUnavailable(f"the nccl transport needs cupy-cuda12x and nvidia-nccl-cu12 ({exc})") from exc
-    if not getattr(nccl, "available", False):
-        raise NcclUnavailable("cupy was built without NCCL")
-    return cupy, nccl
+    control_timeout_s: float = 5.0  # a control message the peer has not taken by then: the link is broken
 
 
 @dataclass(eq=False)
@@ -155,22 +101,22 @@ class _Comm:
     generation: int
     built: threading.Event = field(default_factory=threading.Event)
     cond: threading.Condition = field(default_factory=threading.Condition)
-    handle: Any = None  # cupy's NcclCommunicator, once built
-    stream: Any = None
+    handle: Communicator | None = None  # once built
     maker_generation: int = -1
     error: str = ""  # why it is unusable (failed build, aborted)
     next_seq: int = 0  # receiver
     order: SendOrder | None = None  # sender
     outgoing: dict[TransferKey, tuple[list[tuple[int, int]], Any]] = field(default_factory=dict)
-    issued: dict[TransferKey, Any] = field(default_factory=dict)  # key -> CUDA event after its operations
+    issued: dict[TransferKey, Pending] = field(default_factory=dict)  # key -> its operations' completion
 
 
 class NcclLink:
     """This worker's NCCL links to all its peers: a sender's (prefill) or a receiver's (decode)."""
 
-    def __init__(self, config: NcclConfig, control: Control) -> None:
+    def __init__(self, config: NcclConfig, control: Control, backend: Backend) -> None:
         self.config = config
         self._control = control
+        self._backend = backend
         self._pool = CommPool(PoolConfig(config.budget_bytes, config.comm_bytes))
         self._comms: dict[tuple[str, int], _Comm] = {}
         self._seen: dict[str, int] = {}  # receiver: the newest maker generation joined, per peer
@@ -179,7 +125,7 @@ class NcclLink:
 
     def send(self, peer: Endpoint, key: TransferKey, buffers: Sequence[Any], timeout: float, after: Any = None) -> None:
         deadline = time.monotonic() + timeout
-        spans = device_spans(buffers, self.config.device)
+        spans = self._backend.spans(buffers)
         comm, lease = self._acquire(peer, deadline, SENDER_RANK)
         try:
             offer = Offer(key, tuple(n for _, n in spans), comm.maker_generation)
@@ -201,14 +147,14 @@ class NcclLink:
                 while key not in comm.issued and not comm.error:
                     if not comm.cond.wait(_left(deadline)):
                         self._fail_late(lease, "the operations before it were never announced")
-                event = comm.issued.pop(key, None)
-            self._wait(comm, lease, event, deadline)
+                pending = comm.issued.pop(key, None)
+            self._wait(comm, lease, pending, deadline)
         finally:
             self._pool.release(lease, time.monotonic())
 
     def recv(self, peer: Endpoint, key: TransferKey, into: Sequence[Any], timeout: float) -> int:
         deadline = time.monotonic() + timeout
-        spans = device_spans(into, self.config.device)
+        spans = self._backend.spans(into)
         expect = Expect(key, tuple(n for _, n in spans), deadline)
         offer: Offer | None = None
         while True:
@@ -223,17 +169,22 @@ class NcclLink:
                     if isinstance(answer, Go):
                         comm.next_seq += 1
                         comm.outgoing[key] = (spans, None)
-                        event = self._issue(comm, answer, RECEIVER_RANK)
+                        pending = self._issue(comm, answer, RECEIVER_RANK)
                 self._control.answer(peer, answer, _left(deadline))
                 if isinstance(answer, Reject):
                     if answer.code is RejectCode.EPOCH:
                         offer = None  # another incarnation's send: refused; the right one may still come
                         continue
                     self._rejected(answer, lease, offer.nbytes, RECEIVER_RANK)
-                self._wait(comm, lease, event, deadline)
+                self._wait(comm, lease, pending, deadline)
                 return expect.nbytes
             finally:
                 self._pool.release(lease, time.monotonic())
+
+    def pairs(self) -> list[PairView]:
+        """The pool's communicators, one per peer (generation, state, transfers in flight)."""
+        with self._lock:
+            return self._pool.pairs()
 
     def sweep(self) -> int:
         """Abort every communicator with a transfer past its deadline; returns how many."""
@@ -243,12 +194,19 @@ class NcclLink:
             self._tear_down(Evict(abort.peer, abort.generation, abort=True), abort.reason)
         return len(aborts)
 
-    def reset(self, peer: Endpoint, reason: str) -> None:
-        """Abort the communicator to `peer`: the control plane reports that the other side gave up a transfer
-        on it (its stream may hold an operation that will never be matched). The next transfer rebuilds."""
-        for view in self._pool.pairs():
-            if view.peer.instance_id == peer.instance_id and view.state is not CommState.BROKEN:
+    def reset(self, peer: Endpoint, reason: str, maker_generation: int | None = None) -> None:
+        """Abort the communicator to `peer` (only if built from `maker_generation`, when given): the control plane
+        reports that the other side gave up a transfer on it (its stream may hold an operation that will never be
+        matched). The next transfer rebuilds."""
+        for view in self.pairs():
+            if view.peer.instance_id != peer.instance_id or view.state is CommState.BROKEN:
+                continue
+            if maker_generation is None or view.maker_generation == maker_generation:
                 self._tear_down(Evict(view.peer, view.generation, abort=True), reason)
+
+    def maker_generation(self, peer: Endpoint) -> int:
+        """The sender's generation of the communicator to `peer`, live or broken (-1: none built)."""
+        return next((v.maker_generation for v in self.pairs() if v.peer.instance_id == peer.instance_id), -1)
 
     def close(self) -> None:
         for view in self._pool.pairs():
@@ -279,16 +237,13 @@ class NcclLink:
 
     def _build(self, comm: _Comm, peer: Endpoint, rank: int, deadline: float) -> None:
         try:
-            cupy, nccl = _cupy()
             if rank == SENDER_RANK:
-                uid = id_to_bytes(nccl.get_unique_id())
+                uid = self._backend.new_id()
                 maker, uid = self._control.exchange_id(peer, comm.generation, uid, _left(deadline))
             else:
                 maker, uid = self._control.exchange_id(peer, self._seen.get(peer.instance_id, 0), None, _left(deadline))
                 self._seen[peer.instance_id] = maker
-            comm.handle = _init_comm(cupy, nccl, (id_from_bytes(uid), rank, self.config.device), _left(deadline))
-            with cupy.cuda.Device(self.config.device):
-                comm.stream = cupy.cuda.Stream(non_blocking=True)
+            comm.handle = self._backend.join(uid, rank, _left(deadline))
             comm.maker_generation = maker
             comm.order = SendOrder(maker) if rank == SENDER_RANK else None
             with self._lock:
@@ -302,36 +257,24 @@ class NcclLink:
         finally:
             comm.built.set()
 
-    def _issue(self, comm: _Comm, go: Go, rank: int) -> Any:
-        """Put `go`'s operations on the stream (caller holds `comm.cond`); returns the event after them."""
-        cupy, nccl = _cupy()
+    def _issue(self, comm: _Comm, go: Go, rank: int) -> Pending:
+        """Put `go`'s operations on the communicator (caller holds `comm.cond`)."""
+        assert comm.handle is not None
         spans, after = comm.outgoing.pop(go.key)
-        other = RECEIVER_RANK if rank == SENDER_RANK else SENDER_RANK
-        op = comm.handle.send if rank == SENDER_RANK else comm.handle.recv
-        with cupy.cuda.Device(self.config.device):
-            if after is not None:
-                comm.stream.wait_event(after)
-            nccl.groupStart()
-            for address, nbytes in split(spans, go.chunks):
-                op(address, nbytes, nccl.NCCL_UINT8, other, comm.stream.ptr)
-            nccl.groupEnd()
-            event = cupy.cuda.Event(disable_timing=True)
-            event.record(comm.stream)
-        return event
+        chunks = split(spans, go.chunks)
+        return comm.handle.send(chunks, after) if rank == SENDER_RANK else comm.handle.recv(chunks)
 
-    def _wait(self, comm: _Comm, lease: Lease, event: Any, deadline: float) -> None:
-        while event is None or not event.done:
-            if comm.error or event is None:
-                raise PeerGone(f"the communicator to {lease.peer} was aborted: {comm.error}")
-            if time.monotonic() >= deadline:
-                self._fail_late(lease, "its operations did not complete")
-            try:
-                comm.handle.check_async_error()
-            except Exception as exc:  # cupy's NcclError: the link is broken
-                self._tear_down(Evict(lease.peer, lease.generation, abort=True), f"NCCL error: {exc}")
-                raise PeerGone(f"the link to {lease.peer} failed: {exc}") from exc
-            time.sleep(self.config.poll_s)  # the polling period of a CUDA event, not a synchronization
-        if comm.error:  # aborted under us: the kernels stopped early, the bytes are not all there
+    def _wait(self, comm: _Comm, lease: Lease, pending: Pending | None, deadline: float) -> None:
+        if pending is None or comm.error:
+            raise PeerGone(f"the communicator to {lease.peer} was aborted: {comm.error}")
+        try:
+            finished = pending.wait(_left(deadline))
+        except CommFailed as exc:
+            self._tear_down(Evict(lease.peer, lease.generation, abort=True), str(exc))
+            raise PeerGone(f"the link to {lease.peer} failed: {comm.error or exc}") from exc
+        if not finished:
+            self._fail_late(lease, "its operations did not complete")
+        if comm.error:  # aborted under us: the operations stopped early, the bytes are not all there
             raise PeerGone(f"the communicator to {lease.peer} was aborted: {comm.error}")
 
     def _fail_late(self, lease: Lease, what: str) -> None:
@@ -368,53 +311,13 @@ class NcclLink:
     def _check_path(self, peer: Endpoint, deadline: float) -> None:
         path = self._paths.get(peer)
         if path is None:
-            local = device_uuid(self.config.device)
+            local = self._backend.device_uuid()
             path = self._paths[peer] = choose_path(local, self._control.device_of(peer, _left(deadline)))
         if path == "same-device":
             raise SameDevice(
-                f"{self.config.endpoint} and {peer} share one GPU, which NCCL refuses; the CUDA IPC path for "
+                f"{self.config.endpoint} and {peer} share one device, which NCCL refuses; the CUDA IPC path for "
                 "such pairs is not implemented: route them to the shm or tcp transport"
             )
-
-
-def device_uuid(device: int) -> str:
-    cupy, _ = _cupy()
-    try:
-        return bytes(cupy.cuda.runtime.getDeviceProperties(device)["uuid"]).hex()
-    except Exception as exc:  # cupy's CUDARuntimeError: no driver or no such device
-        raise NcclUnavailable(f"no usable GPU {device}: {exc}") from exc
-
-
-def _init_comm(cupy: Any, nccl: Any, args: tuple[tuple[int, ...], int, int], timeout: float) -> Any:
-    """`ncclCommInitRank` for a pair, given up on after `timeout` (see the module docstring's known limit)."""
-    uid, rank, device = args
-    lock, done = threading.Lock(), threading.Event()
-    box: dict[str, Any] = {"abandoned": False}
-
-    def run() -> None:
-        try:
-            with cupy.cuda.Device(device):
-                handle = nccl.NcclCommunicator(2, uid, rank)
-        except Exception as exc:  # cupy's NcclError
-            box["error"] = exc
-            done.set()
-            return
-        with lock:
-            if box["abandoned"]:
-                handle.abort()
-            else:
-                box["comm"] = handle
-                done.set()
-
-    threading.Thread(target=run, name="pdkv-nccl-init", daemon=True).start()
-    done.wait(max(timeout, 0.0))
-    with lock:
-        if "comm" in box:
-            return box["comm"]
-        if "error" in box:
-            raise PeerGone(f"ncclCommInitRank failed: {box['error']}")
-        box["abandoned"] = True
-    raise TransportTimeout(f"the peer did not join the communicator within {timeout:g}s")
 
 
 def _left(deadline: float) -> float:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from kv_transfer.cupy_comm import device_spans, id_from_bytes, id_to_bytes
 from kv_transfer.endpoint import Endpoint
-from kv_transfer.experimental.nccl import SameDevice, device_spans, id_from_bytes, id_to_bytes
-from kv_transfer.experimental.nccl_keys import (
+from kv_transfer.nccl import SameDevice
+from kv_transfer.nccl_keys import (
     Expect,
     Go,
     Offer,
@@ -20,7 +21,7 @@ from kv_transfer.experimental.nccl_keys import (
     refine,
     split,
 )
-from kv_transfer.experimental.nccl_pool import CommPool, CommState, Create, Evict, PoolConfig, Refuse, Reuse
+from kv_transfer.nccl_pool import CommPool, CommState, Create, Evict, PoolConfig, Refuse, Reuse
 from kv_transfer.transport import TransportError
 
 MB = 1 << 20
