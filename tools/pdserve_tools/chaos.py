@@ -3,9 +3,9 @@
 `run_chaos(deployment, ChaosConfig)` sends `requests` generations over gRPC, `concurrency` at a time; a share of
 them (`cancel_fraction`) is cancelled at a random moment (before the first token, or after a random number of
 tokens). Once the first request has ended, and then every `kill_every_s` seconds, one worker is killed (decode,
-then prefill, alternately; a decode worker only while another decode instance is healthy): Ray restarts it and
-the supervisor puts it back. Transfer faults come from `transfer.fault_every` in the deployment's config (see
-`kv_transfer.sender`).
+then prefill, alternately; only while another instance is healthy, which finishes the victim's requests: in 1P1D
+the prefill instance decodes whole): Ray restarts it and the supervisor puts it back. Transfer faults come from
+`transfer.fault_every` in the deployment's config (see `kv_transfer.sender`).
 
 Every request ends one way: completed (its last message carries the finish reason), cancelled (by us), rejected
 (RESOURCE_EXHAUSTED, with its retry hint) or failed (any other status code). One that has not ended by
@@ -225,12 +225,13 @@ class Killer:
 
 
 def pick_victim(instances: list[Any], role: str) -> Any:
-    """A healthy instance of `role` to kill; a decode one only while another healthy decode instance remains (with
-    none left the requests would fail rather than resume)."""
-    healthy = [i for i in instances if i.role == role and i.healthy]
-    if not healthy or (role == DECODE and len(healthy) < 2):
+    """A healthy instance of `role` to kill, only while another instance of any role is healthy (every instance
+    can run a request whole; with none left the requests would fail rather than resume)."""
+    healthy = [i for i in instances if i.healthy]
+    victims = [i for i in healthy if i.role == role]
+    if not victims or len(healthy) < 2:
         return None
-    return healthy[0]
+    return victims[0]
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,12 @@
 """The `pdserve chaos` command: starts a deployment, runs `pdserve_tools.chaos.run_chaos` on it, prints and saves
 the count.
 
-Without `--config` the deployment is 1P2D of a tiny random Llama (made at first use under the cache folder, as
-the overhead benchmark does) over tcp; with it, the file's engine, workers and transfer sections. Either way
-the ports are free ones and `transfer.fault_every` is `--fault-every` (0 turns injected transfer faults off).
+Without `--config` the deployment is `--layout` (1P1D, the embedded default's shape, or 1P2D) of a tiny random
+Llama (made at first use under the cache folder, as the overhead benchmark does) over tcp; with it, the file's
+engine, workers and transfer sections. Either way the ports are free ones and `transfer.fault_every` is
+`--fault-every` (0 turns injected transfer faults off).
 
-    pdserve chaos [--requests 1000] [--concurrency 16] [--kill-every-s 60] [--fault-every 10] [--out FILE]
+    pdserve chaos [--layout 1p1d] [--requests 1000] [--concurrency 16] [--kill-every-s 60] [--fault-every 10]
 """
 
 from __future__ import annotations
@@ -19,13 +20,17 @@ from typing import Any
 
 from pdserve.config import ServeConfig, config_from_dict, load_config
 
-ONE_P_TWO_D = {"mode": "disaggregated", "prefill": {"instances": 1}, "decode": {"instances": 2}}
+LAYOUTS = {
+    "1p1d": {"mode": "disaggregated", "prefill": {"instances": 1}, "decode": {"instances": 1}},
+    "1p2d": {"mode": "disaggregated", "prefill": {"instances": 1}, "decode": {"instances": 2}},
+}
 TINY_ENGINE = {"max_model_len": 1024, "max_num_seqs": 16, "max_num_batched_tokens": 1024, "kv_cache_gib": 0.25}
 
 
-def deployment_config(config_path: str | None, transfer: dict[str, Any], router: dict[str, Any]) -> ServeConfig:
-    """A config with free ports: the file's sections when one is given, else 1P2D of the tiny model; `transfer`
-    and `router` override single fields."""
+def deployment_config(config_path: str | None, transfer: dict[str, Any], router: dict[str, Any],
+                      layout: str = "1p1d") -> ServeConfig:
+    """A config with free ports: the file's sections when one is given, else `layout` (a key of `LAYOUTS`) of the
+    tiny model; `transfer` and `router` override single fields."""
     from pdserve.models import cache_dir
     from pdserve_tools.tiny_model import make_tiny_llama
 
@@ -36,7 +41,7 @@ def deployment_config(config_path: str | None, transfer: dict[str, Any], router:
         transfer = {**dataclasses.asdict(base.transfer), **transfer}
     else:
         engine = {"model": str(make_tiny_llama(cache_dir() / "models" / "tiny-llama-bench")), **TINY_ENGINE}
-        workers = ONE_P_TWO_D
+        workers = LAYOUTS[layout]
         transfer = {"transport": "tcp", **transfer}
     return config_from_dict(
         {
@@ -69,6 +74,7 @@ def main(args: argparse.Namespace) -> int:
         args.config,
         {"fault_every": args.fault_every, "deadline_s": args.transfer_deadline_s},
         {"max_tokens_limit": 512},
+        args.layout,
     )
 
     async def run() -> Any:
@@ -80,9 +86,10 @@ def main(args: argparse.Namespace) -> int:
             await dep.stop()
 
     report = asyncio.run(run())
+    layout = "--config's layout" if args.config else args.layout.upper()
     print(
-        f"\n{chaos.requests} requests, {chaos.concurrency} at a time, {chaos.cancel_fraction:.0%} cancelled, a "
-        f"worker killed once the first request ended and then every {chaos.kill_every_s:g} s, every "
+        f"\n{layout}: {chaos.requests} requests, {chaos.concurrency} at a time, {chaos.cancel_fraction:.0%} "
+        f"cancelled, a worker killed once the first request ended and then every {chaos.kill_every_s:g} s, every "
         f"{args.fault_every}th transfer faulted"
     )
     print(table(["", "count"], report.rows()))
@@ -93,12 +100,14 @@ def main(args: argparse.Namespace) -> int:
 def add_parser(sub: Any, func: Any) -> None:
     p = sub.add_parser(
         "chaos",
-        help="load a 1P2D deployment while killing workers and faulting transfers; count lost requests and leaked KV",
+        help="load a deployment while killing workers and faulting transfers; count lost requests and leaked KV",
     )
     p.add_argument(
         "--config",
-        help="a serve config whose engine, workers and transfer sections to use (default: 1P2D of a tiny random model)",
+        help="a serve config whose engine, workers and transfer sections to use (default: --layout of a tiny model)",
     )
+    p.add_argument("--layout", choices=sorted(LAYOUTS), default="1p1d",
+                   help="without --config: 1p1d (the embedded default's shape) or 1p2d")
     p.add_argument("--requests", type=int, default=1000)
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--cancel-fraction", type=float, default=0.25)
