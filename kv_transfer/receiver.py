@@ -15,8 +15,11 @@ freed, as is every stash of a transfer the worker is told to `release`.
 
 `load` posts a request's destination (the paged blocks the scheduler allocated, one list of views per layer)
 and waits on a pool thread until every layer landed or the request's deadline passed; `completed` hands back
-the outcomes. A failed load leaves no key posted: each one is withdrawn (a timed-out wait withdraws its key),
-so no late byte is written into blocks the engine may reuse.
+the outcomes. Each outcome says when the destination was posted, when the last layer was in it, and how many
+layers had already landed whole in the stash before the post: when all of them had, `landed` is the time of the
+copy out of the stash, and the layers' arrival is only known to be before `posted`. A failed load leaves no key
+posted: each one is withdrawn (a timed-out wait withdraws its key), so no late byte is written into blocks the
+engine may reuse.
 """
 
 from __future__ import annotations
@@ -50,10 +53,12 @@ class Landed:
     posted: float  # wall-clock time the destination was posted
     landed: float  # wall-clock time the last layer landed (or the load failed)
     error: str = ""
+    layers: int = 0
+    early_layers: int = 0  # layers already whole in the stash when the destination was posted
 
     def record(self) -> dict[str, object]:
         return {"transfer_id": self.transfer_id, "ok": self.ok, "bytes": self.bytes, "posted": self.posted,
-                "landed": self.landed, "error": self.error}
+                "landed": self.landed, "error": self.error, "layers": self.layers, "early_layers": self.early_layers}
 
 
 class Receiver:
@@ -132,10 +137,11 @@ class Receiver:
     def _load(self, req_id: str, spec: RecvSpec, layers: Sequence[Sequence[memoryview]]) -> None:
         posted = time.time()
         keys = [layer_key(spec.transfer_id, i) for i in range(len(layers))]
-        nbytes, error = 0, ""
+        nbytes, error, early = 0, "", 0
         try:
             link = self._link_for(spec.peer_instance, spec.deadline, keys[0])
             try:
+                early = sum(link.holds(key) for key in keys)
                 for key, views in zip(keys, layers, strict=True):
                     link.expect(key, views)
                 for key in keys:
@@ -150,7 +156,8 @@ class Receiver:
         finally:
             with self._changed:
                 self._pending -= 1
-            self._done.put(Landed(req_id, spec.transfer_id, not error, nbytes, posted, time.time(), error))
+            self._done.put(Landed(req_id, spec.transfer_id, not error, nbytes, posted, time.time(), error, len(keys),
+                                  early))
 
     def _link_for(self, instance_id: str, deadline: float, first_key: bytes) -> Link:
         """The peer's link: an up one, or a closed one that already holds this transfer's first layer (the peer

@@ -76,6 +76,38 @@ def test_layers_land_in_the_posted_blocks_whether_they_come_before_or_after_the_
     link.close()
 
 
+def test_a_load_says_how_many_layers_had_landed_before_its_post(receiver):
+    link = dial(receiver)
+    for i in range(LAYERS - 1):
+        link.send(layer_key("t", i), [memoryview(b"\1" * SIZE)], 5.0)
+    sync(receiver, link)  # the first layers wait whole in the stash
+    _, views = destination()
+    receiver.load("r", RecvSpec("t", "prefill-0", 10, time.time() + 10), views)
+    last_sent = time.time()
+    link.send(layer_key("t", LAYERS - 1), [memoryview(b"\1" * SIZE)], 5.0)
+    landed = wait_done(receiver)
+    # the last layer may still beat the pool thread's post; the first ones certainly did
+    assert landed.ok and landed.layers == LAYERS and landed.early_layers in (LAYERS - 1, LAYERS)
+    assert landed.posted <= landed.landed and last_sent <= landed.landed
+    assert {k: landed.record()[k] for k in ("layers", "early_layers")} == {"layers": LAYERS,
+                                                                          "early_layers": landed.early_layers}
+    assert_clean(receiver)
+    link.close()
+
+
+def test_a_load_whose_every_layer_waited_in_the_stash_is_marked_early(receiver):
+    link = dial(receiver)
+    for i in range(LAYERS):
+        link.send(layer_key("t", i), [memoryview(b"\1" * SIZE)], 5.0)
+    sync(receiver, link)
+    _, views = destination()
+    receiver.load("r", RecvSpec("t", "prefill-0", 10, time.time() + 10), views)
+    landed = wait_done(receiver)
+    assert landed.ok and landed.early_layers == landed.layers == LAYERS  # landed: the copy, not the arrival
+    assert_clean(receiver)
+    link.close()
+
+
 def test_a_dropped_connection_fails_the_load_and_frees_everything(receiver):
     link = dial(receiver)
     _buffers, views = destination()

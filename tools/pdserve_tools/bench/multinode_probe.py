@@ -4,8 +4,10 @@
         --target 127.0.0.1:PORT --metrics-url http://127.0.0.1:PORT/metrics --prompt-tokens 512 --requests 6
 
 1. As a second Ray driver it finds the deployment's two workers (named actors of the Ray namespace) and drives them
-   directly, as `pdserve bench transfer` does: `requests` prompts (after one warm-up) prefilled on the prefill
-   worker with layer-wise streaming, their KV sent to the decode worker; the connector's record of each send.
+   directly, as `pdserve bench transfer` does: `requests` prompts prefilled on the prefill worker with layer-wise
+   streaming and `requests` with the whole KV sent after the forward (alternating, after one warm-up of each),
+   their KV sent to the decode worker; the connectors' records of each send and each load (the two nodes are
+   namespaces of one machine: one wall clock).
 2. Through the router (gRPC, from this namespace, as a client would): `requests` more prompts (after one warm-up),
    one at a time, greedy, `max_tokens` each with EOS ignored; each one's TTFT and TPOT as the client saw them and
    the per-phase timings the router returned (`kv_transfer`: how long the decode waited for KV).
@@ -58,9 +60,10 @@ def workers(namespace: str) -> list[dict[str, Any]]:
 
 async def transfers(pair: Pair, requests: int, prompt_tokens: int) -> list[Sample]:
     samples = []
-    for i, prompt in enumerate(tqdm(prompts(1, requests + 1, prompt_tokens), desc="KV transfers", file=sys.stderr)):
-        sample = await transfer_sample(pair, f"mn-{time.time_ns()}-{i}", prompt, layerwise=True)
-        if i:  # the first is a warm-up
+    count = 2 * (requests + 1)
+    for i, prompt in enumerate(tqdm(prompts(1, count, prompt_tokens), desc="KV transfers", file=sys.stderr)):
+        sample = await transfer_sample(pair, f"mn-{time.time_ns()}-{i}", prompt, layerwise=i % 2 == 0)
+        if i >= 2:  # the first of each mode is a warm-up
             samples.append(sample)
     return samples
 

@@ -12,6 +12,14 @@ Figures, medians over requests:
   transfer the forward pass did not hide (goal <= 0.3 with layer-wise streaming on; about 1 with it off).
 - one layer's send: p50 and p99 over every layer of every request, and the share of all send time spent in
   stalled sends (over 3x the median): where the throughput is lost to waits, not to moving bytes.
+- delivered: from the decode's record of the load, when it had the last layer in its blocks (`landed`; both ends
+  run on this machine, so the prefill's and the decode's wall clocks are one clock). Delivered KV throughput =
+  bytes / (last layer landed - first byte sent), with the whole KV sent after the forward (with layer-wise
+  streaming that span is paced by the forward); delivered exposed share = (last layer landed - end of the
+  forward) / (last layer landed - first byte sent), with layer-wise streaming. When every layer had landed in
+  the decode's receive buffer before the decode request posted its blocks, `landed` is when they were copied
+  there, later than their arrival: such a sample's delivered throughput is a lower bound and its exposed share
+  an upper bound (`delivered_bounded` counts them).
 
     pdserve bench transfer [--model PATH] [--prompt-tokens 1024] [--requests 8]
 """
@@ -48,6 +56,9 @@ class Sample:
     exposed_s: float  # end of the forward -> last byte sent
     prefill_compute_s: float
     send_seconds: tuple[float, ...] = ()  # each layer's time inside send
+    delivered_s: float | None = None  # first byte sent -> the decode had the last layer (None: no decode record)
+    delivered_exposed_s: float | None = None  # end of the forward -> the decode had the last layer
+    landed_early: bool = False  # every layer waited in the decode's receive buffer before its post: bounds only
 
     @property
     def gbps(self) -> float:
@@ -56,6 +67,33 @@ class Sample:
     @property
     def exposed_share(self) -> float:
         return min(1.0, self.exposed_s / self.span_s) if self.span_s > 0 else 1.0
+
+    @property
+    def delivered_gbps(self) -> float | None:
+        """Bytes over the seconds from the first byte sent until the decode had the last layer."""
+        return self.bytes / self.delivered_s / 1e9 if self.delivered_s else None
+
+    @property
+    def delivered_exposed_share(self) -> float | None:
+        """(the decode had the last layer - end of the forward) / (that - first byte sent)."""
+        if not self.delivered_s or self.delivered_exposed_s is None:
+            return None
+        return min(1.0, self.delivered_exposed_s / self.delivered_s)
+
+
+def sample_of(layerwise: bool, sent: dict[str, Any], recv: dict[str, Any] | None, prefill_compute_s: float) -> Sample:
+    """A transfer's `Sample` from the prefill's record of its send and the decode's record of its load (None: no
+    decode record); the two records' wall-clock times must come from one clock."""
+    span = sent["last_send"] - sent["first_send"]
+    exposed = max(0.0, sent["last_send"] - sent["compute_end"])
+    delivered = delivered_exposed = None
+    early = False
+    if recv is not None and recv["ok"]:
+        delivered = max(0.0, recv["landed"] - sent["first_send"])
+        delivered_exposed = max(0.0, recv["landed"] - sent["compute_end"])
+        early = int(recv.get("early_layers", 0)) >= int(recv.get("layers", sent["layers"])) > 0
+    return Sample(layerwise, int(sent["bytes"]), int(sent["layers"]), float(sent["busy"]), span, exposed,
+                  prefill_compute_s, tuple(sent["send_seconds"]), delivered, delivered_exposed, early)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +109,7 @@ class Pair:
 
 async def transfer_sample(pair: Pair, rid: str, prompt: list[int], layerwise: bool) -> Sample:
     """Prefills `prompt` (transfer id `rid`), streams its KV to the decode worker, which continues one token; the
-    prefill's record of the send."""
+    prefill's record of the send and the decode's record of the load."""
     deadline = time.time() + 60.0
     n = len(prompt)
     send = SendSpec(rid, pair.decode_kv_address, pair.decode_id, n, deadline, layerwise)
@@ -84,10 +122,10 @@ async def transfer_sample(pair: Pair, rid: str, prompt: list[int], layerwise: bo
     sent = await pair.prefill.transfer_record.remote("sent", rid, RECORD_TIMEOUT_S)
     if sent["error"]:
         raise RuntimeError(f"transfer {rid} failed: {sent['error']}")
-    span = sent["last_send"] - sent["first_send"]
-    exposed = max(0.0, sent["last_send"] - sent["compute_end"])
-    return Sample(layerwise, int(sent["bytes"]), int(sent["layers"]), float(sent["busy"]), span, exposed,
-                  first.compute, tuple(sent["send_seconds"]))
+    recv = await pair.decode.transfer_record.remote("recv", rid, RECORD_TIMEOUT_S)
+    if not recv["ok"]:
+        raise RuntimeError(f"transfer {rid} failed on the decode side: {recv['error']}")
+    return sample_of(layerwise, sent, recv, first.compute)
 
 
 async def _real(config: ServeConfig, prompt_tokens: int, requests: int) -> list[Sample]:
@@ -125,6 +163,12 @@ def layer_sends(samples: list[Sample], stall_factor: float = 3.0) -> dict[str, f
     }
 
 
+def delivered_median(values: list[float | None]) -> float | None:
+    """The median of the samples that have a delivered figure; None when none has."""
+    known = [v for v in values if v is not None]
+    return percentile(known, 50) if known else None
+
+
 def summarize(samples: list[Sample], raw: dict[str, Any], transport: str) -> dict[str, Any]:
     def med(values: list[float]) -> float:
         return percentile(values, 50)
@@ -145,6 +189,9 @@ def summarize(samples: list[Sample], raw: dict[str, Any], transport: str) -> dic
         "transfer_span_ms_layerwise": med([s.span_s * 1000 for s in on]),
         "transfer_span_ms_whole": med([s.span_s * 1000 for s in off]),
         "prefill_compute_ms": med([s.prefill_compute_s * 1000 for s in samples]),
+        "kv_gbps_delivered_whole": delivered_median([s.delivered_gbps for s in off]),
+        "exposed_share_delivered_layerwise": delivered_median([s.delivered_exposed_share for s in on]),
+        "delivered_bounded": sum(s.landed_early for s in samples),
         "layer_sends_layerwise": layer_sends(on),
         "layer_sends_whole": layer_sends(off),
         "kv_bytes_per_request": med([float(s.bytes) for s in samples]),
@@ -195,3 +242,8 @@ def _print(r: dict[str, Any], transport: str) -> None:
             for mode, key in (("layer-wise", "layer_sends_layerwise"), ("whole", "layer_sends_whole"))]
     print(table(["one layer's send", "p50 us", "p99 us", "share of send time in stalls (> 3x p50)"], rows))
     print(f"prefill compute (median): {r['prefill_compute_ms']:.1f} ms")
+    delivered, exposed = r["kv_gbps_delivered_whole"], r["exposed_share_delivered_layerwise"]
+    print("delivered (until the decode had the last layer): whole KV "
+          f"{'-' if delivered is None else f'{delivered:.2f}'} GB/s, layer-wise exposed share "
+          f"{'-' if exposed is None else f'{exposed:.2f}'}; {r['delivered_bounded']} of {len(r['samples'])} samples "
+          "landed before the decode posted its blocks (bounds only)")
