@@ -141,6 +141,7 @@ def test_a_stalled_peer_fails_at_the_deadline_and_its_late_bytes_land_nowhere(re
 
 def test_a_link_from_a_stale_epoch_is_turned_away(receiver):
     new = dial(receiver, epoch=5)
+    sync(receiver, new)  # admitted (handshakes run on threads of their own: the stale one must come after it)
     _, views = destination()
     receiver.load("r", RecvSpec("t", "prefill-0", 10, time.time() + 10), views)
     stale = dial(receiver, epoch=4)
