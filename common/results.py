@@ -20,6 +20,7 @@ class EngineInfo:
     kv_block_bytes: int = 0  # one block's KV over all layers
     kv_address: str = ""  # where prefill workers send this engine KV (decode engines only)
     request_address: str = ""  # where the router sends this worker requests (`worker.channel_server`)
+    prefix_caching: bool = False  # the engine keeps computed prompt blocks for later prompts that share them
 
 
 @dataclass(frozen=True, slots=True)

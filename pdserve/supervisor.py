@@ -88,7 +88,7 @@ class Supervisor:
             old = instance.channel
             instance.channel = WorkerChannel(info.request_address, self._secret)
             await old.close()
-        instance.info = info
+        instance.restarted(info)
         log.info("%s is back in the pool", instance.instance_id)
         await self._set(instance, healthy=True)
 

@@ -5,7 +5,8 @@ then continues from prompt + first token.
 `Handoff` is the configuration (how long a transfer may take, which prompts skip it, the receive budget, the
 prefill policy and layer-wise streaming). `Disaggregated.leg(run, decode)` runs one such leg:
 
-    book the prompt's KV in the decode instance's receive budget (waits; `InvalidArgument` if it can never fit)
+    pick the prefill instance (by the leg's `Placement`: its prompt blocks, for prefix-aware policies)
+    -> book the prompt's KV in the decode instance's receive budget (waits; `InvalidArgument` if it can never fit)
     -> prefill (first token; the run ends here if that was its last) -> decode, streaming the rest
 
 The budget is released exactly once: when the decode engine's first chunk shows the KV has landed there, or
@@ -27,7 +28,7 @@ from kv_transfer.params import RecvSpec, SendSpec, blocks_for, to_params
 from router.cleanups import Cleanups
 from router.delta import Delta
 from router.kv_fallback import decode_kv_params, failure_reason
-from router.placement import Policy
+from router.placement import Placement, Policy
 from router.receive_budget import ReceiveBudget, TooLarge
 from router.registry import Instance, Registry
 from router.run import Run
@@ -61,7 +62,8 @@ class Disaggregated:
     async def leg(self, run: Run, decode: Instance) -> AsyncIterator[Delta]:
         """The run's next leg, prefilled elsewhere and decoded on `decode` (see the module docstring)."""
         budget, n = self.handoff.budget, len(run.context)
-        prefill = self.registry.pick(self.handoff.prefill_policy, Role.PREFILL)
+        placement = run.placement()
+        prefill = self.registry.pick(self.handoff.prefill_policy, Role.PREFILL, placement)
         nbytes = await self._book(run, decode)
         deadline = time.time() + self.handoff.deadline_s
         send = SendSpec(run.leg_id, decode.info.kv_address, decode.instance_id, n, deadline, self.handoff.layerwise)
@@ -74,7 +76,7 @@ class Disaggregated:
 
         try:
             run.clock.dispatched = run.clock.dispatched or time.monotonic()
-            first = await self._prefill(run, prefill, to_params(send))
+            first = await self._prefill(run, prefill, placement, to_params(send))
             run.produce(first.token_ids)
             if first.finish_reason is not None or run.produced == run.request.sampling.max_tokens:
                 run.finished = True
@@ -118,10 +120,10 @@ class Disaggregated:
             raise DeadlineExceeded("the request's deadline passed while it waited for a decode instance") from None
         return nbytes
 
-    async def _prefill(self, run: Run, prefill: Instance, kv_params: dict[str, Any]) -> Any:
+    async def _prefill(self, run: Run, prefill: Instance, placement: Placement, kv_params: dict[str, Any]) -> Any:
         """The prefill engine's result for the run's context: its first token, and its queue and compute times
         (recorded on the first leg). A prefill left unanswered is aborted in the engine."""
-        n = len(run.context)
+        n = self.streams.computes(prefill, placement)  # what it computes; the rest its prefix cache holds
         prefill.outstanding += 1
         prefill.queued_prefill_tokens += n
         call = prefill.channel.prefill(run.leg_id, run.context, run.request.sampling, kv_params)

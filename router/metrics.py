@@ -1,5 +1,9 @@
 """Prometheus metrics of the router: request latencies, per-phase timings, outcomes, tokens, load.
 
+Prefix reuse: of the prompts placed on instances whose engines cache prefixes, the full KV blocks routed, those
+found in the chosen instance's tracked prefix cache (`router.placement.tracked`; hit rate = hit / routed), and the
+prompt tokens that saves the engine computing.
+
 Names follow Prometheus conventions (`pdserve_` prefix, `_seconds`, `_total`). Each `RouterMetrics` owns its
 registry, so several routers (tests) never collide; `serve_metrics` exposes one over HTTP. `watch_pool` adds the
 gauges read at scrape time: per instance its health, outstanding requests and the engine's queue and KV usage (as
@@ -17,6 +21,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from common.loop_lag import LAG_BUCKETS
+from router.placement.tracked import PrefixHit
 from router.timings import PhaseTimings
 
 # Latencies of a CPU-served small model span milliseconds to minutes.
@@ -72,6 +77,13 @@ class RouterMetrics:
         self.length_coverage = Counter("pdserve_output_length_within_prediction", "Finished requests by predicted "
                                        "quantile (p50, p90) and whether their output ended at or below it (within) "
                                        "or past it (beyond)", ["quantile", "result"], registry=r)
+        self.prefix_blocks_routed = Counter("pdserve_prefix_blocks_routed", "Full KV blocks of the prompts placed on "
+                                            "instances that cache prefixes", registry=r)
+        self.prefix_blocks_hit = Counter("pdserve_prefix_blocks_hit", "Of those blocks, the ones the chosen "
+                                         "instance held already (leading blocks of its prompt, as the router "
+                                         "tracks its prefix cache)", registry=r)
+        self.prefill_tokens_saved = Counter("pdserve_prefix_saved_prefill_tokens", "Prompt tokens an instance "
+                                            "did not compute because its prefix cache held them", registry=r)
 
     def predicted(self, p50: int, p90: int, generated: int) -> None:
         """A finished request's output length against its predicted quantiles."""
@@ -92,6 +104,12 @@ class RouterMetrics:
         values = dataclasses.asdict(t)
         for phase in _PHASES:
             self.phase.labels(phase).observe(values[phase])
+
+    def prefix_routed(self, hit: PrefixHit) -> None:
+        """A prompt placed on an instance that caches prefixes, and what that instance held of it."""
+        self.prefix_blocks_routed.inc(hit.blocks)
+        self.prefix_blocks_hit.inc(hit.hit)
+        self.prefill_tokens_saved.inc(hit.saved_tokens)
 
     def transferred(self, nbytes: int, ok: bool) -> None:
         self.kv_transfers.labels("ok" if ok else "failed").inc()

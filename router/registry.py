@@ -5,6 +5,11 @@ Policies never see this object, only the `InstanceSnapshot`s it hands out. A `He
 colocated) instance holds KV for from the moment it is placed there until its leg ends: its KV tokens now and
 the output still predicted to come, as `RequestLoad`s in the snapshot (`detailed`), beside the instance's KV
 capacity in tokens.
+
+Each instance whose engine caches prefixes also keeps `prefixes`, the prompt blocks the router placed there
+(`TrackedPrefixes`, as many as the engine has KV blocks): `computes` records a prompt the instance computes, and
+detailed snapshots carry the set for prefix-aware placement. A restarted engine starts with an empty cache, and so
+does its tracked set (`restarted`).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from typing import Any
 
 from common.results import EngineInfo, EngineStats
 from router.placement import InstanceSnapshot, Placement, Policy, RequestLoad, needs_detail
+from router.placement.tracked import PrefixHit, TrackedPrefixes
 from router.predictor.prediction import LengthPrediction, remaining
 
 
@@ -46,11 +52,27 @@ class Instance:
     draining: bool = False  # out of placement; it finishes the requests it has
     stats: EngineStats | None = None  # the engine's stats at its last heartbeat; None: none yet
     held: dict[str, Held] = field(default_factory=dict)  # by leg id: requests placed here whose leg has not ended
-    queued_prefill_tokens: int = 0  # prompt tokens of the prefills sent here and not yet answered
+    queued_prefill_tokens: int = 0  # uncached prompt tokens of the prompts sent here, until their first token
+    prefixes: TrackedPrefixes = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.prefixes = _tracked(self.info)
 
     @property
     def kv_capacity_tokens(self) -> int:
         return self.info.num_blocks * self.info.block_size
+
+    def computes(self, placement: Placement) -> PrefixHit | None:
+        """The placement's prompt is computed here: what the engine's prefix cache holds of it (None: the engine
+        caches no prefixes), and its blocks held from now on."""
+        if not self.info.prefix_caching:
+            return None
+        return self.prefixes.route(placement)
+
+    def restarted(self, info: EngineInfo) -> None:
+        """The worker started again with a fresh engine, described by `info`: nothing of its cache is left."""
+        self.info = info
+        self.prefixes = _tracked(info)
 
     def snapshot(self, detailed: bool = False) -> InstanceSnapshot:
         """What a policy sees; `detailed` adds the KV capacity and the held requests' loads."""
@@ -63,7 +85,11 @@ class Instance:
         pad = self.info.block_size - 1
         return InstanceSnapshot(self.instance_id, self.role, self.outstanding, self.healthy, self.kv_capacity_tokens,
                                 tuple(h.load(pad) for h in self.held.values()), self.queued_prefill_tokens,
-                                draining=self.draining)
+                                self.prefixes.held, self.draining)
+
+
+def _tracked(info: EngineInfo) -> TrackedPrefixes:
+    return TrackedPrefixes(info.num_blocks if info.prefix_caching else 0)
 
 
 class Registry:
@@ -74,6 +100,11 @@ class Registry:
 
     def snapshots(self, role: str, detailed: bool = False) -> list[InstanceSnapshot]:
         return [i.snapshot(detailed) for i in self._by_id.values() if i.role == role]
+
+    @property
+    def block_size(self) -> int:
+        """Tokens per KV block: the engines share one configuration, so one size (that of the first instance)."""
+        return next(iter(self._by_id.values())).info.block_size
 
     def get(self, instance_id: str) -> Instance:
         return self._by_id[instance_id]

@@ -3,7 +3,8 @@ at a time (the request's own task).
 
 A leg is one attempt at the rest of the request: the first from the prompt, a later one (after a lost worker)
 from the prompt plus every token the client already has. Each leg has its own engine request id (`leg_id`),
-which is also its KV transfer's id.
+which is also its KV transfer's id. The leg's `Placement` carries the block hashes of its context
+(`router.placement.tracked.block_hashes`), computed once per leg.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 from common.sampling import SamplingSpec
 from router.delta import Outcome
 from router.placement import Placement
+from router.placement.tracked import block_hashes
 from router.predictor.prediction import LengthPrediction, remaining
 from router.registry import Held
 from router.request import Request
@@ -33,6 +35,8 @@ class Run:
     prefill_instance: str = ""  # set once a prefill instance computed the prompt on this leg
     prediction: LengthPrediction | None = None  # of the whole output (the resumed tokens included); None: none
     held: Held | None = None  # the request on its current leg's decode (or colocated) instance
+    block_tokens: int = 16  # the engines' KV block size, which the prefix hashes follow
+    _hashes: tuple[int, tuple[int, ...]] = (-1, ())  # (leg, block hashes of its context)
 
     def __post_init__(self) -> None:
         # A request the client resumes starts as a run that lost its worker after sending those tokens: its first
@@ -65,10 +69,14 @@ class Run:
         return replace(self.request.sampling, max_tokens=self.request.sampling.max_tokens - self.produced)
 
     def placement(self) -> Placement:
-        """What a policy knows of the rest of the request: its context now and the output still to come."""
+        """What a policy knows of the rest of the request: its context now, its blocks' hashes and the output still
+        to come."""
         max_tokens = self.request.sampling.max_tokens
         prediction = None if self.prediction is None else remaining(self.prediction, self.produced, max_tokens)
-        return Placement(len(self.context), max_tokens - self.produced, prediction)
+        context = self.context
+        if self._hashes[0] != self.legs:
+            self._hashes = (self.legs, block_hashes(context, self.block_tokens))
+        return Placement(len(context), max_tokens - self.produced, prediction, self._hashes[1], self.block_tokens)
 
     def outcome(self, finish_reason: str, timings: PhaseTimings, decode_instance: str) -> Outcome:
         """The request's outcome, its last tokens from `decode_instance`; the prompt's instance is this leg's

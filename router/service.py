@@ -121,7 +121,8 @@ class Router:
             check_prompt_tokens(prompt_ids, self.limits)
             check_resume(prompt_ids, request, self.limits)
             async with admitted(self.admission, request.deadline):
-                run = Run(request, prompt_ids, clock, self.tokenizer.text_stream())
+                run = Run(request, prompt_ids, clock, self.tokenizer.text_stream(),
+                          block_tokens=self.registry.block_size)
                 run.prediction = await self.learner.predict(request, prompt_ids)
                 async for delta in self.legs.run(run):
                     if delta.outcome is not None:

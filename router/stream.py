@@ -3,7 +3,9 @@
 `stream(run, instance, receive)` runs the rest of the run on the instance: from `run.context`, sampling what is
 left of `max_tokens`, with the KV of the prompt coming from a prefill instance when `receive` is given (the
 decode half of a handoff: `receive.landed` is awaited once the first chunk shows the engine has the KV). The last
-delta carries the `Outcome`. While it streams the instance counts the request as outstanding. A stream left
+delta carries the `Outcome`. While it streams the instance counts the request as outstanding; a leg that runs
+whole there (no `receive`) is a prompt the instance computes (`computes`: its tracked prefixes and the prefix
+metrics), and its uncached tokens count in the instance's prefill queue until the first chunk. A stream left
 before the engine finished (consumer gone, deadline passed, worker failed) is cancelled, and the engine's
 request aborted, exactly once.
 
@@ -25,6 +27,7 @@ from router.channel import WorkerGone
 from router.cleanups import Cleanups
 from router.delta import Delta, Outcome
 from router.metrics import RouterMetrics
+from router.placement import Placement
 from router.registry import Instance
 from router.run import Run
 
@@ -66,9 +69,20 @@ class Streams:
         self.metrics = metrics
         self.cleanups = cleanups
 
+    def computes(self, instance: Instance, placement: Placement) -> int:
+        """`instance` computes the placement's prompt: recorded in its tracked prefixes and the prefix metrics.
+        Returns the prompt tokens it computes, those its prefix cache holds left out."""
+        hit = instance.computes(placement)
+        if hit is None:
+            return placement.prompt_tokens
+        self.metrics.prefix_routed(hit)
+        return placement.prompt_tokens - hit.saved_tokens
+
     async def stream(self, run: Run, instance: Instance, receive: Receive | None = None) -> AsyncIterator[Delta]:
         """The rest of the run on `instance` (see the module docstring)."""
         kv_params = None if receive is None else receive.kv_params
+        queued = self.computes(instance, run.placement()) if receive is None else 0
+        instance.queued_prefill_tokens += queued
         instance.outstanding += 1
         self.metrics.running.inc()
         stream = instance.channel.generate(run.leg_id, run.context, run.rest(), kv_params)
@@ -79,11 +93,14 @@ class Streams:
                 run.clock.tokens_arrived(time.monotonic(), len(chunk.token_ids))
                 if first:
                     first = False
+                    instance.queued_prefill_tokens -= queued
+                    queued = 0
                     await self._first_chunk(run, chunk, receive)
                 run.produce(chunk.token_ids)
                 outcome = None if chunk.finish_reason is None else self._finish(run, instance, chunk, receive)
                 yield Delta(chunk.token_ids, run.text.step(chunk.token_ids), outcome)
         finally:
+            instance.queued_prefill_tokens -= queued
             instance.outstanding -= 1
             self.metrics.running.dec()
             if not run.finished:

@@ -128,6 +128,7 @@ class Engine:
             block_size=cache.block_size,
             num_blocks=cache.num_gpu_blocks or 0,
             kv_block_bytes=_block_bytes(self._llm.vllm_config),
+            prefix_caching=bool(cache.enable_prefix_caching),
         )
 
     async def control(self, method: str, *args: Any) -> Any:

@@ -5,6 +5,9 @@ out of placement, and `profile`); their defaults mean "not reported", so a snaps
 four fields still works with every policy. `kv_capacity_tokens == 0` means the capacity is unknown (no instance
 is filtered out for lack of KV memory).
 
+`cached_prefixes` may be a live view of what the publisher tracks (`router.placement.tracked`): valid for the
+pick it is handed to, not to be kept.
+
 `profile` is an optional precomputed summary of `running` (`router.placement.kv.KvProfile`): a publisher that
 keeps its load in other forms (the simulator) sets it and may leave `running` empty; policies then read the
 profile and never rebuild it per pick. When both are set they must describe the same requests.
@@ -12,6 +15,7 @@ profile and never rebuild it per pick. When both are set they must describe the 
 
 from __future__ import annotations
 
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -38,7 +42,7 @@ class InstanceSnapshot:
     kv_capacity_tokens: int = 0  # 0: unknown
     running: tuple[RequestLoad, ...] = ()  # placed and unfinished, whether running, waiting or still in prefill
     queued_prefill_tokens: int = 0  # prompt tokens queued or in progress that still have to be computed
-    cached_prefixes: frozenset[int] = frozenset()  # prefix hashes (see `Placement`) held in its prefix cache
+    cached_prefixes: AbstractSet[int] = frozenset()  # prefix hashes (see `Placement`) held in its prefix cache
     draining: bool = False  # taken out of placement by an operator: it finishes what it runs, takes nothing new
     profile: KvProfile | None = None  # `running` summarized; see the module docstring
 

@@ -103,6 +103,12 @@ def test_the_dashboard_shows_p50_and_p99_latencies_phases_outcomes_tokens_and_lo
         assert needle in text
 
 
+def test_the_dashboard_shows_the_prefix_cache_hit_rate_and_the_prefill_tokens_it_saved() -> None:
+    queries = dashboard_queries()
+    assert any("pdserve_prefix_blocks_hit_total" in q and "pdserve_prefix_blocks_routed_total" in q for q in queries)
+    assert any("pdserve_prefix_saved_prefill_tokens_total" in q for q in queries)
+
+
 def test_prometheus_scrapes_the_router_metrics_port_on_this_host() -> None:
     config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
     (job,) = [j for j in config["scrape_configs"] if j["job_name"] == "pdserve-router"]

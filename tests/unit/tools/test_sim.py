@@ -5,7 +5,7 @@ import pytest
 
 from pdserve_tools.sim import CostModel, SimConfig, WorkloadConfig, generate, run, summarize
 from router.placement.kv import ProjectedKv
-from router.placement.load import RoundRobin
+from router.placement.load import LeastOutstanding, RoundRobin
 from router.placement.prefix import PrefixAffinity
 
 SMALL = SimConfig(WorkloadConfig(requests=600, rate_rps=40.0, seed=3), CostModel(kv_capacity_tokens=12_000),
@@ -87,3 +87,33 @@ def test_length_aware_decode_beats_round_robin_on_mixed_lengths():
     kv = summarize("kv", run(config, ProjectedKv(), PrefixAffinity()))
     assert kv.preemptions * 2 < rr.preemptions
     assert kv.tpot_p99 * 1.5 < rr.tpot_p99
+
+
+def test_a_conversations_turns_extend_its_earlier_prompts_and_answers():
+    config = WorkloadConfig(requests=400, rate_rps=20.0, turns=4, think_s=5.0, prefix_groups=2, seed=4)
+    requests = generate(config)
+    assert requests == generate(config) and len(requests) == 400
+    assert [r.rid for r in requests] == list(range(400))
+    assert all(x.arrival <= y.arrival for x, y in itertools.pairwise(requests))
+    assert all(len(r.prefix_hashes) == r.prompt_tokens // 16 for r in requests)
+    followed = 0
+    for r in requests:  # a later turn holds an earlier turn's whole prompt and answer, and more
+        earlier = [e for e in requests if e.arrival < r.arrival and len(e.prefix_hashes) > 8
+                   and r.prefix_hashes[:len(e.prefix_hashes)] == e.prefix_hashes]
+        for e in earlier:
+            assert r.prompt_tokens > e.prompt_tokens + e.output_tokens
+        followed += bool(earlier)
+    assert followed > 150  # most turns after the first
+    with pytest.raises(ValueError, match="turns >= 1"):
+        WorkloadConfig(turns=0)
+
+
+def test_on_conversations_prefix_affinity_computes_less_prefill_than_least_outstanding():
+    config = SimConfig(WorkloadConfig(requests=600, rate_rps=20.0, turns=4, think_s=5.0, seed=3),
+                       CostModel(kv_capacity_tokens=24_000), prefill_instances=4, decode_instances=4)
+    aware = summarize("aware", run(config, ProjectedKv(), PrefixAffinity()))
+    blind = summarize("blind", run(config, ProjectedKv(), LeastOutstanding()))
+    assert aware.served == blind.served == 600
+    assert aware.prefix_hit_rate > blind.prefix_hit_rate + 0.1
+    assert aware.prefill_tokens < 0.9 * blind.prefill_tokens
+    assert aware.ttft_p50 < blind.ttft_p50

@@ -129,7 +129,8 @@ def test_baselines_read_the_profile_when_there_is_one():
 
 def full_prefix_pick(snaps: list[InstanceSnapshot], placement: Placement, turn: int) -> str:
     def score(s: InstanceSnapshot) -> tuple[float, ...]:
-        return (float(s.queued_prefill_tokens + placement.prompt_tokens - cached_tokens(placement, s.cached_prefixes)),)
+        work = s.queued_prefill_tokens + placement.prompt_tokens - cached_tokens(placement, s.cached_prefixes)
+        return (float(work), float(s.outstanding))
 
     return pick_lowest([s for s in snaps if s.healthy], score, turn)
 
@@ -142,7 +143,8 @@ def test_prefix_affinity_picks_what_full_scoring_picks():
         snaps = []
         for i in range(rng.randint(1, 8)):
             cached = frozenset(h for chain in chains for h in chain[: rng.randint(0, 6)] if rng.random() < 0.9)
-            snaps.append(InstanceSnapshot(f"p{i}", "prefill", 0, queued_prefill_tokens=rng.choice([0, 0, 16, 40, 200]),
+            snaps.append(InstanceSnapshot(f"p{i}", "prefill", rng.choice([0, 0, 1, 3]),
+                                          queued_prefill_tokens=rng.choice([0, 0, 16, 40, 200]),
                                           cached_prefixes=cached))
         placement = Placement(rng.randint(0, 120), 10, prefix_hashes=rng.choice(chains), block_tokens=16)
         assert policy.pick(snaps, placement) == full_prefix_pick(snaps, placement, turn)

@@ -8,7 +8,8 @@ Engine times are the placeholder `CostModel()` unless `--cost FILE` names a cost
 writes). Either way each decode instance holds the scenario's 24k KV tokens; `--cost-kv` takes the file's
 `kv_capacity_tokens` instead (the calibration engine's KV cache, sized by its `--kv-cache-gib`). With `--nodes N`
 the instances spread over N nodes, and a KV transfer between two of them costs the request's KV over a
-`--link-gbit` link instead of the in-node transfer time (`cost.Links`).
+`--link-gbit` link instead of the in-node transfer time (`cost.Links`). Prefills are placed by `--prefill-policy`;
+`--turns N` makes the requests the turns of N-turn conversations, `--think-s` apart on average.
 """
 
 from __future__ import annotations
@@ -23,10 +24,12 @@ from typing import Any
 
 from tqdm import tqdm
 
+from common.roles import Role
 from pdserve_tools.sim.compare import DECODE_POLICIES, Goodput, Scenario, goodput, run_policy
 from pdserve_tools.sim.cost import CostModel, Links
 from pdserve_tools.sim.report import Summary, table
 from pdserve_tools.slo import Slo
+from router.placement import policy_names
 
 START_RPS_PER_INSTANCE = 8.0  # where the goodput search starts, per decode instance
 
@@ -53,6 +56,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "nodes, Gbit/s")
     p.add_argument("--kv-bytes-per-token", type=int, help="KV bytes a prompt token moves across a link (default: the "
                    f"--cost file's `transfer.kv_bytes_per_token`, else {Links().kv_bytes_per_token})")
+    p.add_argument("--prefill-policy", choices=policy_names(Role.PREFILL), default="prefix_affinity",
+                   help="the policy that places prefills")
+    p.add_argument("--turns", type=int, default=1, help="turns per conversation: turn k's prompt is the conversation "
+                   "so far plus a new user turn (1: independent requests)")
+    p.add_argument("--think-s", type=float, default=10.0, help="mean think time between a conversation's turns, s")
     p.add_argument("--out", default="bench-results/sim.json")
 
 
@@ -61,7 +69,8 @@ def main(args: argparse.Namespace) -> int:
     scenarios = _scenarios(args, slo)
     first = scenarios[0]
     cost = {"cost_file": args.cost, "cost": asdict(replace(first.cost, kv_capacity_tokens=first.kv_capacity_tokens)),
-            "lengths": args.lengths, "length_pairs": len(first.lengths), "links": asdict(first.links)}
+            "lengths": args.lengths, "length_pairs": len(first.lengths), "links": asdict(first.links),
+            "prefill_policy": first.prefill_policy, "turns": first.turns, "think_s": first.think_s}
     if args.rate is not None:
         rows = [_single(s, p, args.rate, args.requests) for s in scenarios for p in args.policy]
         print(f"one run per policy at {args.rate:g} req/s; SLO TTFT {args.slo_ttft_s:g} s, "
@@ -100,8 +109,12 @@ def _scenarios(args: argparse.Namespace, slo: Slo) -> list[Scenario]:
         links = Links(args.nodes, args.link_gbit, args.kv_bytes_per_token or kv_bytes_per_token(args.cost))
     except ValueError as e:
         raise SystemExit(f"--nodes, --link-gbit, --kv-bytes-per-token: {e}") from e
-    scenarios = [Scenario(n, seconds=args.seconds, slo=slo, cost=cost, lengths=lengths, links=links)
-                 for n in args.instances]
+    try:
+        scenarios = [Scenario(n, seconds=args.seconds, slo=slo, cost=cost, lengths=lengths, links=links,
+                              prefill_policy=args.prefill_policy, turns=args.turns, think_s=args.think_s)
+                     for n in args.instances]
+    except ValueError as e:
+        raise SystemExit(f"--turns, --think-s: {e}") from e
     if args.cost_kv:
         scenarios = [replace(s, kv_capacity_tokens=cost.kv_capacity_tokens) for s in scenarios]
     return scenarios

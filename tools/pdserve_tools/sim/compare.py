@@ -8,7 +8,8 @@ matters. Engine times come from the scenario's `cost` (the placeholder `CostMode
 take for at most the TTFT SLO, then rejects it (held longer, it would miss the SLO anyway, and delay those behind
 it). A run passes when at least `target` of the requests meet both SLOs (TTFT and TPOT). `goodput` searches the
 rate (`goodput.highest_passing`) and reports the last run that passed: its rate, preemptions (KV overflow) and
-p99 TPOT.
+p99 TPOT. Prefills are placed by `prefill_policy` (prefix-aware by default); with `turns` > 1 the requests are
+the turns of multi-turn conversations (`workload`).
 """
 
 from __future__ import annotations
@@ -17,13 +18,14 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
+from common.roles import Role
 from pdserve_tools.sim.cost import CostModel, Links
 from pdserve_tools.sim.goodput import highest_passing
 from pdserve_tools.sim.report import DEFAULT_SLO, Summary, summarize
 from pdserve_tools.sim.simulator import SimConfig, run
 from pdserve_tools.sim.workload import WorkloadConfig
 from pdserve_tools.slo import Slo
-from router.placement import Policy
+from router.placement import Policy, make_policy, policy_names
 from router.placement.kv import LeastKv, MaxTokensWeighted, ProjectedKv
 from router.placement.load import LeastOutstanding, RoundRobin
 from router.placement.prefix import PrefixAffinity
@@ -48,14 +50,20 @@ class Scenario:
     cost: CostModel = field(default_factory=CostModel)  # engine times; its KV capacity is replaced by the above
     lengths: tuple[tuple[int, int], ...] = ()  # (prompt, output) pairs to draw from; empty: the lognormal mixture
     links: Links = field(default_factory=Links)  # the instances' nodes (default: one node)
+    prefill_policy: str = PrefixAffinity.name  # a policy of the placement registry that places prefill instances
+    turns: int = 1  # turns per conversation (1: independent requests)
+    think_s: float = 10.0  # mean think time between turns
 
     def __post_init__(self) -> None:
         if self.decode_instances < 1 or self.seconds <= 0 or not 0 < self.target <= 1:
             raise ValueError("a scenario needs decode_instances >= 1, seconds > 0 and 0 < target <= 1")
+        if self.prefill_policy not in policy_names(Role.PREFILL):
+            raise ValueError(f"prefill_policy must be one of {policy_names(Role.PREFILL)}, got {self.prefill_policy!r}")
 
     def config(self, rate_rps: float, requests: int | None = None) -> SimConfig:
         count = requests if requests is not None else max(1, round(rate_rps * self.seconds))
-        workload = WorkloadConfig(requests=count, rate_rps=rate_rps, lengths=self.lengths, seed=self.seed)
+        workload = WorkloadConfig(requests=count, rate_rps=rate_rps, lengths=self.lengths, seed=self.seed,
+                                  turns=self.turns, think_s=self.think_s)
         return SimConfig(workload, replace(self.cost, kv_capacity_tokens=self.kv_capacity_tokens),
                          prefill_instances=max(1, self.decode_instances // 2), decode_instances=self.decode_instances,
                          hold_timeout_s=math.inf if self.slo.ttft_s is None else self.slo.ttft_s, links=self.links)
@@ -64,7 +72,8 @@ class Scenario:
 def run_policy(scenario: Scenario, policy: str, rate_rps: float, requests: int | None = None,
                progress: Callable[[int], None] | None = None) -> Summary:
     """One run of `policy` at `rate_rps`; `requests` overrides `rate * seconds`; see `simulator.run`."""
-    result = run(scenario.config(rate_rps, requests), DECODE_POLICIES[policy](), PrefixAffinity(), progress)
+    prefill = make_policy(scenario.prefill_policy)
+    result = run(scenario.config(rate_rps, requests), DECODE_POLICIES[policy](), prefill, progress)
     return summarize(policy, result, scenario.slo)
 
 

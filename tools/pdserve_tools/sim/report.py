@@ -34,6 +34,8 @@ class Summary:
     preemptions: int
     truncations: int
     wall_s: float
+    prefill_tokens: int = 0  # prompt tokens the prefill engines computed
+    prefix_hit_rate: float = 0.0  # prompt blocks found in the chosen prefill instance's tracked prefixes
 
 
 def timings(result: SimResult) -> tuple[list[float], list[float | None], list[float]]:
@@ -61,6 +63,7 @@ def summarize(policy: str, result: SimResult, slo: Slo = DEFAULT_SLO) -> Summary
         policy, len(ttfts), result.rejected, percentile(ttfts, 50), percentile(ttfts, 99), percentile(some, 50),
         percentile(some, 99), percentile(e2es, 50), percentile(e2es, 99), good / max(len(result.requests), 1),
         good / span if span > 0 else 0.0, result.preemptions, result.truncations, result.wall_s,
+        result.prefill_tokens, result.prefix_hits / result.prefix_blocks if result.prefix_blocks else 0.0,
     )
 
 

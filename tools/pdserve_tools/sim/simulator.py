@@ -6,7 +6,9 @@ has waited `hold_timeout_s` there) ->
 prefill policy -> prefill batch -> first token (TTFT) -> KV transfer (within a node, or over the link between
 two: `Links`) -> decode batch -> last token. The policies are the router's own objects and see
 `InstanceSnapshot`s rebuilt only for instances whose state changed since the last pick; a decode snapshot is as
-of the instance's last event (up to one chunk stale, as a published snapshot would be).
+of the instance's last event (up to one chunk stale, as a published snapshot would be). A prefill snapshot's
+cached prefixes are the router's `TrackedPrefixes` of the instance, fed with each prompt placed there; the
+engine's own cache (`PrefillState.cache`) decides what computing costs.
 """
 
 from __future__ import annotations
@@ -58,6 +60,9 @@ class SimResult:
     rejected: int = 0
     preemptions: int = 0
     truncations: int = 0
+    prefill_tokens: int = 0  # prompt tokens the prefill engines computed (their prefix caches held the rest)
+    prefix_blocks: int = 0  # full prompt blocks placed on prefill instances
+    prefix_hits: int = 0  # of those, the ones the router tracked on the chosen instance
     min_kv: int = 0
     events: int = 0
     wall_s: float = 0.0
@@ -74,8 +79,7 @@ class _Sim:
         self.res = SimResult(self.reqs, [math.nan] * n, [math.nan] * n, [0] * n)
         cap = config.cost.kv_capacity_tokens
         self.decode = [DecodeState(f"d{i}", cap) for i in range(config.decode_instances)]
-        shared: dict[frozenset[int], frozenset[int]] = {}
-        self.prefill = [PrefillState(f"p{i}", config.prefix_cache_blocks, BLOCK_TOKENS, shared=shared)
+        self.prefill = [PrefillState(f"p{i}", config.prefix_cache_blocks, BLOCK_TOKENS)
                         for i in range(config.prefill_instances)]
         self.didx = {d.iid: i for i, d in enumerate(self.decode)}
         self.pidx = {p.iid: i for i, p in enumerate(self.prefill)}
@@ -103,6 +107,7 @@ class _Sim:
             handlers[kind](now, idx, ver)
         self.res.preemptions = sum(d.preemptions for d in self.decode)
         self.res.truncations = sum(d.truncations for d in self.decode)
+        self.res.prefill_tokens = sum(p.computed for p in self.prefill)
         self.res.wall_s = time.perf_counter() - started
         return self.res
 
@@ -119,6 +124,9 @@ class _Sim:
             self.psnaps[i] = self.prefill[i].snapshot()
         self.pdirty.clear()
         p = self.pidx[self.ppol.pick(self.psnaps, placement)]
+        hit = self.prefill[p].tracked.route(placement)
+        self.res.prefix_blocks += hit.blocks
+        self.res.prefix_hits += hit.hit
         self.decode[d].place(Seq(req))
         self.decode_of[req.rid] = d
         self.ddirty.add(d)
