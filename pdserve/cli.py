@@ -29,7 +29,8 @@ def _serve(args: argparse.Namespace) -> int:
         deployment = await deploy(config)
         host = config.router.host
         print(f"pdserve serving gRPC on {host}:{deployment.port}, OpenAI-compatible HTTP on "
-              f"http://{host}:{deployment.http_port}/v1, metrics on http://{host}:{deployment.metrics_port}/metrics",
+              f"http://{host}:{deployment.http_port}/v1, metrics on "
+              f"http://{config.router.metrics_host}:{deployment.metrics_port}/metrics",
               flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -213,9 +213,9 @@ async def deploy(config: ServeConfig) -> Deployment:
     loop_lag = LoopLag(metrics.loop_lag.observe)
     loop_lag.start()
     supervisor = supervise(registry, secret, bindings)
-    server, port = await start_grpc(router, config.router.host, config.router.port, security)
-    http_server, http_port = await start_http(router, r.host, r.http_port, security, r.max_body_bytes)
-    metrics_server, metrics_port = serve_metrics(metrics, config.router.host, config.router.metrics_port)
+    server, port = await start_grpc(router, r.host, r.port, security, r)
+    http_server, http_port = await start_http(router, r.host, r.http_port, security, r)
+    metrics_server, metrics_port = serve_metrics(metrics, r.metrics_host, r.metrics_port)
     return Deployment(router, supervisor, server, port, metrics_server, metrics_port, http_server, http_port,
                       loop_lag)
 

@@ -49,12 +49,18 @@ class AuthConfig:
 
 @dataclass(frozen=True)
 class RouterConfig:
-    """The router and its frontends: gRPC on `port`, the OpenAI-compatible HTTP API on `http_port`, Prometheus
-    metrics on `metrics_port`, all on `host`; a port of 0 picks a free one."""
+    """The router and its frontends: gRPC on `port` and the OpenAI-compatible HTTP API on `http_port`, both on
+    `host`; Prometheus metrics on `metrics_port` of `metrics_host`, unauthenticated, so local by default. A port of
+    0 picks a free one.
+
+    Connection limits: a client must send a whole HTTP request head, or finish gRPC's handshake (TLS and HTTP/2),
+    within `header_timeout_s` of connecting (a later request on a kept-alive HTTP connection: of its first byte),
+    else its connection is closed."""
 
     host: str = "127.0.0.1"
     port: int = 50051
     http_port: int = 8000  # OpenAI-compatible HTTP: /v1/completions, /v1/chat/completions, /v1/models, /health
+    metrics_host: str = "127.0.0.1"  # where /metrics listens; 0.0.0.0 only where a firewall admits just Prometheus
     metrics_port: int = 9400  # Prometheus /metrics over HTTP
     policy: str = "least_outstanding"  # places whole requests (colocated) and decodes (disaggregated)
     prefill_policy: str = "least_outstanding"  # places prefills (disaggregated)
@@ -72,6 +78,13 @@ class RouterConfig:
     max_outstanding: int = 0
     admission_queue: int = 1024
     retry_after_s: float = 1.0
+    header_timeout_s: float = 10.0  # see above: the time to send an HTTP request head or finish gRPC's handshake
+    max_http_connections: int = 1024  # HTTP connections served at once; a request on one more gets 503
+    max_grpc_connections: int = 1024  # gRPC connections at once; one more is closed at once (UNAVAILABLE)
+    max_grpc_streams: int = 1024  # Generate calls at once, all connections together; one more: RESOURCE_EXHAUSTED
+    max_streams_per_connection: int = 100  # gRPC calls at once on one connection (HTTP/2); a client queues more
+    grpc_idle_timeout_s: float = 300.0  # a gRPC connection without a call for this long is closed (0: never)
+    grpc_max_connection_age_s: float = 0.0  # a gRPC connection this old takes no new call; its calls finish (0: never)
     tls: TlsConfig = field(default_factory=TlsConfig)  # off unless cert_file and key_file are set
     auth: AuthConfig = field(default_factory=AuthConfig)  # off unless token_env or token_file is set
 
@@ -79,12 +92,18 @@ class RouterConfig:
         for name in ("port", "http_port", "metrics_port"):
             if not 0 <= getattr(self, name) <= 65535:
                 raise ValueError(f"router.{name} must be in [0, 65535], got {getattr(self, name)}")
-        for name in ("max_prompt_bytes", "max_body_bytes"):
+        for name in ("max_prompt_bytes", "max_body_bytes", "max_http_connections", "max_grpc_connections",
+                     "max_grpc_streams", "max_streams_per_connection"):
             if getattr(self, name) < 1:
                 raise ValueError(f"router.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("max_outstanding", "admission_queue", "hold_queue"):
             if getattr(self, name) < 0:
                 raise ValueError(f"router.{name} must be >= 0, got {getattr(self, name)}")
+        if not self.header_timeout_s > 0:
+            raise ValueError(f"router.header_timeout_s must be > 0 seconds, got {self.header_timeout_s}")
+        for name in ("grpc_idle_timeout_s", "grpc_max_connection_age_s"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"router.{name} must be >= 0 seconds (0: no limit), got {getattr(self, name)}")
         if not self.retry_after_s > 0:
             raise ValueError(f"router.retry_after_s must be > 0 seconds, got {self.retry_after_s}")
         if self.max_tokens_limit < 1:

@@ -8,6 +8,9 @@ ALREADY_EXISTS (the running one goes on), unless it resumes that stream (it carr
 takes the key over and the older stream ends with ABORTED. Standard health checking and reflection are served beside
 the API. With `Security`, the server speaks TLS (mutual with a client CA) and refuses calls without the bearer
 token, health checking excepted (`security.py`).
+Limits (`RouterConfig`): at most `max_grpc_streams` Generate calls run at once (one more gets RESOURCE_EXHAUSTED
+with a retry hint), and gRPC itself bounds the connections (`server_options`): how many, how many calls each runs
+at once, how long a handshake, an idle connection and, if asked, any connection may last.
 """
 
 from __future__ import annotations
@@ -25,10 +28,11 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from common.errors import InvalidArgument, ServeError, trailing_metadata
+from common.errors import InvalidArgument, Overloaded, ServeError, trailing_metadata
 from common.roles import Role
 from common.version import VERSION as __version__
 from pdserve_client.v1 import pdserve_pb2 as pb
+from router.config import RouterConfig
 from router.frontend import LiveStreams, deadline_after, open_stream
 from router.request import ChatMessage, Request, SamplingSpec
 from router.security import Security, interceptors, server_credentials
@@ -99,11 +103,26 @@ def delta_to_proto(request_id: str, delta: Delta) -> pb.GenerateResponse:
 
 
 class GenerationService:
-    def __init__(self, router: Router, info: pb.ServerInfo) -> None:
+    def __init__(self, router: Router, info: pb.ServerInfo, max_streams: int) -> None:
         self._router = router
         self._info = info
         self._live = LiveStreams()
         self._running: collections.Counter[str] = collections.Counter()  # client keys of the streams running
+        self._max_streams = max_streams
+        self._streams = 0  # Generate calls in progress
+
+    @contextlib.contextmanager
+    def _stream_slot(self) -> Iterator[None]:
+        if self._streams >= self._max_streams:
+            raise Overloaded(
+                f"the server is running its limit of {self._max_streams} streams at once (router.max_grpc_streams); "
+                "retry when one has ended", self._router.admission.retry_after_s
+            )
+        self._streams += 1
+        try:
+            yield
+        finally:
+            self._streams -= 1
 
     @contextlib.contextmanager
     def _running_under(self, key: str) -> Iterator[None]:
@@ -128,7 +147,7 @@ class GenerationService:
             key = msg.request_id or request.request_id
             check_key_free(key, self._running, resuming=bool(msg.resume_token_ids))
             superseded = False
-            with self._running_under(key), self._live.claim(key) as claim:
+            with self._stream_slot(), self._running_under(key), self._live.claim(key) as claim:
                 async with open_stream(self._router, request) as deltas:
                     async for delta in deltas:
                         if claim.superseded:  # leaving the stream stops this request in the engines
@@ -178,13 +197,34 @@ def server_info(router: Router) -> pb.ServerInfo:
     )
 
 
+def server_options(config: RouterConfig) -> list[tuple[str, int]]:
+    """gRPC core's channel arguments for the connection limits of `config` (grpc/impl/channel_arg_names.h)."""
+    options = [
+        ("grpc.max_allowed_incoming_connections", config.max_grpc_connections),
+        ("grpc.max_concurrent_streams", config.max_streams_per_connection),
+        ("grpc.server_handshake_timeout_ms", _ms(config.header_timeout_s)),
+    ]
+    if config.grpc_idle_timeout_s:
+        options.append(("grpc.max_connection_idle_ms", _ms(config.grpc_idle_timeout_s)))
+    if config.grpc_max_connection_age_s:  # no grace limit (grpc.max_connection_age_grace_ms): running calls finish
+        options.append(("grpc.max_connection_age_ms", _ms(config.grpc_max_connection_age_s)))
+    return options
+
+
+def _ms(seconds: float) -> int:
+    return max(1, round(seconds * 1000))
+
+
 async def start_grpc(
-    router: Router, host: str, port: int, security: Security | None = None
+    router: Router, host: str, port: int, security: Security | None = None, config: RouterConfig | None = None
 ) -> tuple[grpc.aio.Server, int]:
-    """Starts the frontend; returns the server and the port it bound (port 0 picks a free one)."""
+    """Starts the frontend; returns the server and the port it bound (port 0 picks a free one). Of `config` (the
+    defaults when None) it applies the stream and connection limits."""
     security = security or Security()
-    server = grpc.aio.server(interceptors=interceptors(security))
-    server.add_generic_rpc_handlers((GenerationService(router, server_info(router)).handler(),))
+    limits = config or RouterConfig()
+    server = grpc.aio.server(interceptors=interceptors(security), options=server_options(limits))
+    service = GenerationService(router, server_info(router), limits.max_grpc_streams)
+    server.add_generic_rpc_handlers((service.handler(),))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)

@@ -18,6 +18,9 @@ Security (`security.py`): with a token, every path but `/health` needs `Authoriz
 it the answer is 401 with OpenAI's error body (code `invalid_api_key`) and `WWW-Authenticate: Bearer`. With TLS,
 uvicorn serves HTTPS from the same files as the gRPC frontend, requiring a client certificate when a client CA is
 configured.
+Connections (`RouterConfig`): a request head must arrive within `header_timeout_s` (`head_timeout.py`); beyond
+`max_http_connections` open connections, a request gets 503 and its connection is closed, while the requests of
+the connections already served go on.
 """
 
 from __future__ import annotations
@@ -43,8 +46,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from common.errors import Overloaded, ServeError, retry_after_header
 from common.version import VERSION as __version__
-from router.config import TlsConfig
+from router.config import RouterConfig, TlsConfig
 from router.frontend import deadline_after, open_stream
+from router.head_timeout import head_timeout_protocol
 from router.openai_wire import BadField, ChatBody, CompletionBody, Reply, chat_request, completion_request
 from router.request import Request
 from router.security import AUTHORIZATION, SCHEME, Security, check_bearer
@@ -364,16 +368,21 @@ KEEP_ALIVE_S = 75
 
 
 async def start_http(
-    router: Router, host: str, port: int, security: Security | None = None, max_body_bytes: int = MAX_BODY_BYTES
+    router: Router, host: str, port: int, security: Security | None = None, config: RouterConfig | None = None
 ) -> tuple[HttpServer, int]:
-    """Starts the frontend on the running loop; returns the server and the port it bound (0 picks a free one)."""
+    """Starts the frontend on the running loop; returns the server and the port it bound (0 picks a free one).
+    Of `config` (the defaults when None) it applies the body, header and connection limits."""
     security = security or Security()
+    limits = config or RouterConfig()
     # Bound and listening before uvicorn starts, so the port is known and early clients wait in the backlog.
     sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
-    app = build_app(router, security.token, max_body_bytes)
-    config = uvicorn.Config(app, lifespan="off", log_config=None, access_log=False, ws="none",
+    app = build_app(router, security.token, limits.max_body_bytes)
+    # uvicorn answers 503 once its open connections (the asking one included) reach `limit_concurrency`.
+    served = uvicorn.Config(app, lifespan="off", log_config=None, access_log=False, ws="none",
+                            http=head_timeout_protocol(limits.header_timeout_s),
+                            limit_concurrency=limits.max_http_connections + 1,
                             timeout_keep_alive=KEEP_ALIVE_S, **_tls_options(security.tls))
-    server = _Server(config)
+    server = _Server(served)
     task = asyncio.create_task(server.serve(sockets=[sock]), name="pdserve-http")
     task.add_done_callback(_report_exit)
     bound = sock.getsockname()[1]

@@ -1,0 +1,35 @@
+"""`RouterConfig`'s frontend limits: refused when they make no sense, and /metrics local unless asked otherwise."""
+
+from __future__ import annotations
+
+import urllib.request
+
+import pytest
+
+from router.config import RouterConfig
+from router.metrics import RouterMetrics, serve_metrics
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("header_timeout_s", 0.0, "router.header_timeout_s must be > 0 seconds"),
+    ("max_http_connections", 0, "router.max_http_connections must be >= 1"),
+    ("max_grpc_connections", 0, "router.max_grpc_connections must be >= 1"),
+    ("max_grpc_streams", 0, "router.max_grpc_streams must be >= 1"),
+    ("max_streams_per_connection", 0, "router.max_streams_per_connection must be >= 1"),
+    ("grpc_idle_timeout_s", -1.0, "router.grpc_idle_timeout_s must be >= 0 seconds (0: no limit)"),
+    ("grpc_max_connection_age_s", float("nan"), "router.grpc_max_connection_age_s must be >= 0 seconds"),
+])
+def test_a_limit_out_of_range_is_refused_naming_the_key(field: str, value: float, message: str) -> None:
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        RouterConfig(**{field: value})  # type: ignore[arg-type]
+
+
+def test_metrics_listen_on_loopback_by_default() -> None:
+    config = RouterConfig(host="0.0.0.0")
+    server, port = serve_metrics(RouterMetrics(), config.metrics_host, 0)
+    try:
+        assert server.server_address[0] == "127.0.0.1"
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+            assert b"pdserve_event_loop_lag_seconds" in reply.read()
+    finally:
+        server.shutdown()
