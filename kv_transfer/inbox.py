@@ -92,6 +92,7 @@ class _Entry:
     landing: Landing | None = None
     error: TransportError | None = None
     since: float = 0.0  # monotonic time the stash began
+    arrived: float = 0.0  # wall-clock time the message had fully arrived (stash or posted views)
     done: threading.Event = field(default_factory=threading.Event)
 
 
@@ -151,7 +152,9 @@ class Inbox:
             if entry.state is _State.LANDED:
                 self._unstash(key, entry)
 
-    def wait(self, key: bytes, timeout: float) -> int:
+    def wait(self, key: bytes, timeout: float, arrivals: list[float] | None = None) -> int:
+        """The message's length once it is in the posted views; `arrivals` (if given) gets the wall-clock time it
+        had fully arrived, which for a stashed message is before it was copied out."""
         with self._lock:
             entry = self._entries.get(key)
         if entry is None or entry.posted is None:
@@ -162,6 +165,8 @@ class Inbox:
             self._entries.pop(key, None)
         if entry.error is not None:
             raise entry.error
+        if arrivals is not None:
+            arrivals.append(entry.arrived)
         return entry.length
 
     def _withdraw(self, key: bytes, entry: _Entry) -> bool:
@@ -271,6 +276,7 @@ class Inbox:
             if entry is None or entry.landing is not landing or landing.withdrawn:
                 return
             entry.state = _State.LANDED
+            entry.arrived = time.time()
             if entry.stash is None:
                 entry.done.set()
             elif entry.posted is not None:

@@ -98,8 +98,9 @@ class Link:
     def expect(self, key: bytes, into: Sequence[memoryview]) -> None:
         self._inbox.post(check_key(key), byte_views(into, writable=True))
 
-    def wait(self, key: bytes, timeout: float) -> int:
-        return self._inbox.wait(check_key(key), timeout)
+    def wait(self, key: bytes, timeout: float, arrivals: list[float] | None = None) -> int:
+        """See `Inbox.wait`."""
+        return self._inbox.wait(check_key(key), timeout, arrivals)
 
     def holds(self, key: bytes) -> bool:
         """Whether `key`'s message has landed and waits to be claimed."""

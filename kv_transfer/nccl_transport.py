@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -82,9 +83,9 @@ class NcclTransport(Link):
             return super().expect(key, into)
         self._posted[check_key(key)] = into
 
-    def wait(self, key: bytes, timeout: float) -> int:
+    def wait(self, key: bytes, timeout: float, arrivals: list[float] | None = None) -> int:
         if is_control(key):
-            return super().wait(key, timeout)
+            return super().wait(key, timeout, arrivals)
         into = self._posted.pop(check_key(key), None)
         if into is None:
             raise ValueError(f"wait for key {key!r} without an expect")
@@ -92,12 +93,15 @@ class NcclTransport(Link):
             raise TransportTimeout(f"key {key!r}: no time left to receive it")
         self._check_open()
         try:
-            return self._plane.link.recv(self.peer, transfer_key(key, self.peer.epoch), into, timeout)
+            nbytes = self._plane.link.recv(self.peer, transfer_key(key, self.peer.epoch), into, timeout)
         except (TransportTimeout, PeerGone) as exc:  # the communicator was aborted: the sender's must go too
             with contextlib.suppress(TransportError):
                 generation = self._plane.link.maker_generation(self.peer)
                 self._control.reset(str(exc), generation, self._plane.config.control_timeout_s)
             raise
+        if arrivals is not None:
+            arrivals.append(time.time())  # a receive lands in the posted views: it arrived as it ended
+        return nbytes
 
     @property
     def control(self) -> LinkControl:

@@ -17,7 +17,7 @@ freed, as is every stash of a transfer the worker is told to `release`.
 and waits on a pool thread until every layer landed or the request's deadline passed; `completed` hands back
 the outcomes. Each outcome says when the destination was posted, when the last layer was in it, and how many
 layers had already landed whole in the stash before the post: when all of them had, `landed` is the time of the
-copy out of the stash, and the layers' arrival is only known to be before `posted`. A failed load leaves no key
+copy out of the stash; `arrived` is when the last layer had arrived, stashed or not. A failed load leaves no key
 posted: each one is withdrawn (a timed-out wait withdraws its key), so no late byte is written into blocks the
 engine may reuse.
 """
@@ -55,10 +55,12 @@ class Landed:
     error: str = ""
     layers: int = 0
     early_layers: int = 0  # layers already whole in the stash when the destination was posted
+    arrived: float = 0.0  # wall-clock time the last layer had arrived (stashed or not); 0.0 for a failed load
 
     def record(self) -> dict[str, object]:
         return {"transfer_id": self.transfer_id, "ok": self.ok, "bytes": self.bytes, "posted": self.posted,
-                "landed": self.landed, "error": self.error, "layers": self.layers, "early_layers": self.early_layers}
+                "landed": self.landed, "error": self.error, "layers": self.layers, "early_layers": self.early_layers,
+                "arrived": self.arrived}
 
 
 class Receiver:
@@ -138,6 +140,7 @@ class Receiver:
         posted = time.time()
         keys = [layer_key(spec.transfer_id, i) for i in range(len(layers))]
         nbytes, error, early = 0, "", 0
+        arrivals: list[float] = []  # when each layer had arrived
         try:
             link = self._link_for(spec.peer_instance, spec.deadline, keys[0])
             try:
@@ -145,7 +148,7 @@ class Receiver:
                 for key, views in zip(keys, layers, strict=True):
                     link.expect(key, views)
                 for key in keys:
-                    nbytes += link.wait(key, max(spec.deadline - time.time(), 0.0))
+                    nbytes += link.wait(key, max(spec.deadline - time.time(), 0.0), arrivals)
             except TransportError:
                 for key in keys:  # withdraw what is still posted: a timed-out wait takes its buffers back
                     with contextlib.suppress(TransportError, ValueError):
@@ -156,8 +159,9 @@ class Receiver:
         finally:
             with self._changed:
                 self._pending -= 1
+            arrived = max(arrivals) if not error and arrivals else 0.0
             self._done.put(Landed(req_id, spec.transfer_id, not error, nbytes, posted, time.time(), error, len(keys),
-                                  early))
+                                  early, arrived))
 
     def _link_for(self, instance_id: str, deadline: float, first_key: bytes) -> Link:
         """The peer's link: an up one, or a closed one that already holds this transfer's first layer (the peer

@@ -100,10 +100,12 @@ def test_a_load_whose_every_layer_waited_in_the_stash_is_marked_early(receiver):
     for i in range(LAYERS):
         link.send(layer_key("t", i), [memoryview(b"\1" * SIZE)], 5.0)
     sync(receiver, link)
+    synced = time.time()  # every layer of "t" arrived before this (the link delivers in order)
     _, views = destination()
     receiver.load("r", RecvSpec("t", "prefill-0", 10, time.time() + 10), views)
     landed = wait_done(receiver)
     assert landed.ok and landed.early_layers == landed.layers == LAYERS  # landed: the copy, not the arrival
+    assert 0 < landed.arrived < synced <= landed.posted <= landed.landed  # arrived: the last layer's arrival
     assert_clean(receiver)
     link.close()
 

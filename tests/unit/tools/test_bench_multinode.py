@@ -113,6 +113,9 @@ def test_a_sample_is_timed_until_the_decode_had_the_last_layer():
     assert s.delivered_exposed_share == pytest.approx(0.2) and not s.landed_early
     early = sample_of(True, sent, {**recv, "early_layers": 30}, 1.0)
     assert early.landed_early and early.delivered_s == pytest.approx(1.25)
+    # with the arrival recorded, a sample whose layers all waited in the stash is exact, not a bound
+    arrived = sample_of(True, sent, {**recv, "early_layers": 30, "arrived": 101.1}, 1.0)
+    assert not arrived.landed_early and arrived.delivered_s == pytest.approx(1.1)
     for missing in (None, {**recv, "ok": False}):  # no record, or a load that failed: nothing delivered
         s = sample_of(True, sent, missing, 1.0)
         assert s.delivered_s is None and s.delivered_gbps is None and s.delivered_exposed_share is None

@@ -89,9 +89,11 @@ def sample_of(layerwise: bool, sent: dict[str, Any], recv: dict[str, Any] | None
     delivered = delivered_exposed = None
     early = False
     if recv is not None and recv["ok"]:
-        delivered = max(0.0, recv["landed"] - sent["first_send"])
-        delivered_exposed = max(0.0, recv["landed"] - sent["compute_end"])
-        early = int(recv.get("early_layers", 0)) >= int(recv.get("layers", sent["layers"])) > 0
+        arrived = float(recv.get("arrived") or 0.0)  # older records: only `landed`, a bound when layers came early
+        done = arrived or recv["landed"]
+        delivered = max(0.0, done - sent["first_send"])
+        delivered_exposed = max(0.0, done - sent["compute_end"])
+        early = not arrived and int(recv.get("early_layers", 0)) >= int(recv.get("layers", sent["layers"])) > 0
     return Sample(layerwise, int(sent["bytes"]), int(sent["layers"]), float(sent["busy"]), span, exposed,
                   prefill_compute_s, tuple(sent["send_seconds"]), delivered, delivered_exposed, early)
 
