@@ -60,7 +60,7 @@ def measured_run() -> dict:
     fast = Measured(None, [sample(10, 0.01, 0.0, delivered_s=1.0, delivered_exposed_s=0.0), whole(10, 0.01)] * 3,
                     [request(0.11, 0.020), request(0.12, 0.021), request(1.0, 0.0, error="DEADLINE_EXCEEDED")],
                     "", raw_bytes=10_000_000, raw_seconds=(0.008,))
-    return summarize(one, [fast, slow], {"prompt_tokens": 1024})
+    return summarize([one, one], [fast, slow], {"prompt_tokens": 1024})
 
 
 def test_each_link_is_compared_with_its_raw_link_and_the_one_node_baseline():
@@ -95,11 +95,11 @@ def test_the_send_time_figures_stay_beside_the_delivered_ones():
 def test_layerwise_transfers_leave_the_link_figure_alone_and_whole_ones_the_exposed_share():
     layerwise_only = Measured(1.0, [sample(10, 0.01, 0.0, delivered_s=2.0, delivered_exposed_s=0.2)], [], "",
                               raw_bytes=10_000_000, raw_seconds=(0.08,))
-    figures = summarize(layerwise_only, [layerwise_only], {})["links"][0]
+    figures = summarize([layerwise_only], [layerwise_only], {})["links"][0]
     assert figures["kv_gbit"] is None and figures["transfer_vs_raw"] is None  # a forward-paced span is no link speed
     assert figures["exposed_share"] == pytest.approx(0.1)
     whole_only = Measured(1.0, [whole(10, 0.1)], [], "", raw_bytes=10_000_000, raw_seconds=(0.08,))
-    figures = summarize(whole_only, [whole_only], {})["links"][0]
+    figures = summarize([whole_only], [whole_only], {})["links"][0]
     assert figures["transfer_vs_raw"] == pytest.approx(0.8) and figures["exposed_share"] is None
 
 
@@ -143,10 +143,23 @@ def test_the_headline_is_the_worst_link_and_every_failure_of_the_run():
     json.loads(json.dumps(r, allow_nan=False))  # plain JSON: no NaN anywhere
 
 
+def test_each_link_is_compared_with_the_one_node_baseline_run_beside_it():
+    quiet = Measured(None, [], [request(0.10, 0.020)], "")
+    busy = Measured(None, [], [request(0.30, 0.060)], "")
+    link_quiet = Measured(None, [], [request(0.11, 0.021)], "")
+    link_busy = Measured(10.0, [], [request(0.33, 0.063)], "")
+    r = summarize([quiet, busy], [link_quiet, link_busy], {})
+    assert [f["ttft_p50_ratio"] for f in r["links"]] == pytest.approx([1.1, 1.1])
+    assert [f["one_node_ttft_p50_s"] for f in r["links"]] == pytest.approx([0.10, 0.30])
+    assert r["tpot_p50_ratio"] == pytest.approx(1.05) and r["one_node"]["ttft_p50_s"] == pytest.approx(0.10)
+    with pytest.raises(ValueError):  # a baseline per link
+        summarize([quiet], [link_quiet, link_busy], {})
+
+
 def test_figures_that_cannot_be_computed_are_null_and_fail_their_goals():
     one = Measured(None, [], [request(0.1, 0.02)], "")
     nothing = Measured(10.0, [], [request(0.0, 0.0, error="UNAVAILABLE")], "")
-    r = summarize(one, [nothing], {})
+    r = summarize([one], [nothing], {})
     (link,) = r["links"]
     assert link["kv_gbit"] is None and link["raw_gbit"] is None and link["transfer_vs_raw"] is None
     assert link["ttft_p50_ratio"] is None and r["ttft_p50_ratio"] is None

@@ -130,15 +130,16 @@ def raw_link(c: Cluster, size: int, repeats: int) -> list[float]:
     return seconds
 
 
-def one_link(s: Settings, gbit: float | None, baseline: bool) -> tuple[Measured | None, Measured]:
-    """A fresh two-node cluster with its link shaped to `gbit`: the one-node baseline (if asked) and the
-    across-nodes deployment, then the raw sends."""
+def one_link(s: Settings, gbit: float | None) -> tuple[Measured, Measured]:
+    """A fresh two-node cluster with its link shaped to `gbit`: the one-node baseline and the across-nodes
+    deployment, one after the other (the machine's load drifts: each link's ratios are to its own baseline), then
+    the raw sends."""
     a, b = node_pair(secrets.token_hex(3), RESOURCES, cpus=(2, 1), prefix="pdbm")  # A hosts both pools alone
     say(f"{link_name(gbit)}: starting a two-node cluster ({a.netns}, {b.netns})")
     with two_nodes(a, b) as c:
         if gbit is not None:
             c.shape(gbit, s.burst_bytes)
-        one = deployment(c, s, across=False, gbit=gbit) if baseline else None
+        one = deployment(c, s, across=False, gbit=gbit)
         across = deployment(c, s, across=True, gbit=gbit)
         size = max(MIN_RAW_BYTES, int(percentile([float(x.bytes) for x in across.samples], 50)))
         say(f"{link_name(gbit)}: raw TCP, {s.raw_repeats} sends of {size / 1e6:.1f} MB")
@@ -171,15 +172,13 @@ def main(args: argparse.Namespace) -> int:
     s = settings(args)
     links: list[float | None] = [None, *args.links]
     started = time.monotonic()
-    baseline: Measured | None = None
-    measured = []
+    baselines, measured = [], []
     for i, gbit in enumerate(links):
         say(f"link {i + 1} of {len(links)}: {link_name(gbit)}")
-        one, across = one_link(s, gbit, baseline=i == 0)
-        baseline = baseline or one
+        one, across = one_link(s, gbit)
+        baselines.append(one)
         measured.append(across)
-    assert baseline is not None
-    result = summarize(baseline, measured, {
+    result = summarize(baselines, measured, {
         "model": s.engine.model, "prompt_tokens": s.prompt_tokens, "requests": s.requests,
         "max_tokens": s.max_tokens, "raw_repeats": s.raw_repeats, "tbf_burst_bytes": s.burst_bytes,
         "tbf_latency_ms": 50, "transfer": s.transfer, "wall_s": round(time.monotonic() - started, 1)})
