@@ -1,10 +1,10 @@
-"""`LoopLag`: how late the running event loop wakes a timer, sampled every `period_s`; `LagTally`: those samples
-as a cumulative histogram that can travel (a worker's, in its `EngineStats`).
+"""`LoopLag`: how late the running event loop wakes a timer, sampled every `period_s`; `LAG_BUCKETS`: the bounds
+its samples are kept in (a `common.histogram.Tally`, a worker's travelling in its `EngineStats`).
 
 A loop that is late by L seconds delays every stream it serves by up to L (a token, a health probe, an accept);
 sustained lag means something runs on the loop that should not (tokenizing, JSON of a large body) or the process
 is starved of CPU. Each sample is `observe`d: the router's into `pdserve_event_loop_lag_seconds`, each worker
-actor's into a `LagTally` that the router exports as `pdserve_worker_event_loop_lag_seconds`.
+actor's into a `Tally(LAG_BUCKETS)` that the router exports as `pdserve_worker_event_loop_lag_seconds`.
 """
 
 from __future__ import annotations
@@ -13,41 +13,8 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)  # seconds
-
-
-@dataclass(frozen=True, slots=True)
-class LagHistogram:
-    """Samples so far, as Prometheus keeps a histogram: per upper bound in `LAG_BUCKETS`, how many were at most
-    that (cumulative); then all of them and their sum."""
-
-    le: tuple[int, ...]
-    count: int
-    sum_s: float
-
-
-class LagTally:
-    def __init__(self) -> None:
-        self._counts = [0] * len(LAG_BUCKETS)
-        self._count = 0
-        self._sum_s = 0.0
-
-    def observe(self, seconds: float) -> None:
-        for i, bound in enumerate(LAG_BUCKETS):
-            if seconds <= bound:
-                self._counts[i] += 1
-                break
-        self._count += 1
-        self._sum_s += seconds
-
-    def histogram(self) -> LagHistogram:
-        cumulative, running = [], 0
-        for n in self._counts:
-            running += n
-            cumulative.append(running)
-        return LagHistogram(tuple(cumulative), self._count, self._sum_s)
 
 
 class LoopLag:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from common.loop_lag import LagHistogram
+from common.histogram import Histogram
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,7 +30,8 @@ class EngineStats:
     kv_cache_usage: float = 0.0  # share of KV blocks in use, 0.0 .. 1.0
     reports: int = 0  # scheduler reports seen; grows while the engine works
     preemptions: int = 0  # requests the scheduler preempted (KV ran out) since the engine started
-    loop_lag: LagHistogram | None = None  # the worker actor's event-loop lag since it started
+    loop_lag: Histogram | None = None  # the worker actor's event-loop lag since it started
+    step_time: Histogram | None = None  # its engine's step wall times since it started (`worker.steps`)
 
     @property
     def idle(self) -> bool:

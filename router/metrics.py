@@ -6,8 +6,9 @@ prompt tokens that saves the engine computing.
 
 Names follow Prometheus conventions (`pdserve_` prefix, `_seconds`, `_total`). Each `RouterMetrics` owns its
 registry, so several routers (tests) never collide; `serve_metrics` exposes one over HTTP. `watch_pool` adds the
-gauges read at scrape time: per instance its health, outstanding requests and the engine's queue and KV usage (as
-of its last heartbeat), and the requests waiting for admission.
+gauges read at scrape time: per instance its health, outstanding requests, the engine's queue and KV usage, and the
+worker's event-loop lag and engine step times as histograms (as of its last heartbeat), and the requests waiting
+for admission.
 """
 
 from __future__ import annotations
@@ -149,6 +150,9 @@ class _PoolCollector(Collector):
         lag = HistogramMetricFamily("pdserve_worker_event_loop_lag_seconds", "How late the worker actor's event "
                                     "loop woke a timer (sampled every 0.1 s; as of the last heartbeat): what each "
                                     "stream it serves waited extra", labels=labels)
+        steps = HistogramMetricFamily("pdserve_engine_step_seconds", "Wall time of each step of the instance's "
+                                      "engine that ran the model: scheduling, forward, sampling, output bookkeeping "
+                                      "(engine clock; as of the last heartbeat)", labels=labels)
         for i in self._instances():
             key = [i.instance_id, i.role]
             healthy.add_metric(key, float(i.healthy))
@@ -158,12 +162,13 @@ class _PoolCollector(Collector):
                 kv.add_metric(key, float(i.stats.kv_cache_usage))
                 preempted.add_metric(key, float(i.stats.preemptions))
                 if (h := i.stats.loop_lag) is not None:
-                    buckets = [(str(bound), float(n)) for bound, n in zip(LAG_BUCKETS, h.le, strict=True)]
-                    lag.add_metric(key, [*buckets, ("+Inf", float(h.count))], h.sum_s)
+                    lag.add_metric(key, h.buckets(), h.total)
+                if (h := i.stats.step_time) is not None:
+                    steps.add_metric(key, h.buckets(), h.total)
         queue = GaugeMetricFamily("pdserve_admission_waiting_requests",
                                   "Requests waiting for an admission slot (router.max_outstanding)")
         queue.add_metric([], float(self._admission_waiting()))
-        yield from (healthy, outstanding, waiting, kv, preempted, lag, queue)
+        yield from (healthy, outstanding, waiting, kv, preempted, lag, steps, queue)
 
 
 def serve_metrics(metrics: RouterMetrics, host: str, port: int) -> tuple[Any, int]:

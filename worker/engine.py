@@ -3,23 +3,29 @@
 Engines speak token ids only: the router tokenizes and detokenizes. `Engine.generate` yields one
 `EngineChunk` per engine step with the tokens that step produced; the last chunk has a finish reason.
 `Engine.stats` is the engine's latest scheduler report (running requests, KV usage), refreshed with every
-step and when the engine goes idle.
+step and when the engine goes idle; `Engine.step_times` the wall time of each engine step so far (`worker.steps`
+says what a step covers), taken from the engine core's outputs as the frontend receives them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from common.histogram import Histogram, Tally
 from common.results import EngineChunk, EngineInfo, EngineStats
 from common.sampling import SamplingSpec
 from kv_transfer.config import ConnectorSettings
 from worker.config import EngineConfig, engine_args
+from worker.steps import STEP_BUCKETS, StepClock, step_report
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +75,25 @@ def _stats_logger(sink: list[EngineStats], changed: asyncio.Event, transfers: Or
             pass
 
     return LatestStats
+
+
+def _watch_steps(llm: Any, clock: StepClock) -> None:
+    """Shows `clock` every output the engine core sends, on its way to the frontend's output handler (which looks
+    `get_output_async` up on each pass; called right after the engine is built, before the handler first runs)."""
+    client = llm.engine_core
+    receive = client.get_output_async
+
+    async def get_output_async() -> Any:
+        outputs = await receive()
+        try:
+            if (step := step_report(outputs)) is not None:
+                clock.report(step)
+        except Exception:  # a measurement must never stop the outputs on their way
+            log.exception("engine step timing failed; step times stop here")
+            client.get_output_async = receive
+        return outputs
+
+    client.get_output_async = get_output_async
 
 
 def sampling_params(spec: SamplingSpec, kv_params: dict[str, Any] | None = None) -> Any:
@@ -121,6 +146,8 @@ class Engine:
         self._llm = AsyncLLM.from_engine_args(
             args, stat_loggers=[_stats_logger(self._stats, self._stats_changed, self._transfers)]
         )
+        self._steps = Tally(STEP_BUCKETS)
+        _watch_steps(self._llm, StepClock(self._steps.observe))
         self._kv = kv
         cache = self._llm.vllm_config.cache_config
         self.info = EngineInfo(
@@ -180,6 +207,10 @@ class Engine:
 
     def stats(self) -> EngineStats:
         return self._stats[0]
+
+    def step_times(self) -> Histogram:
+        """Each engine step's wall time since the engine started, in seconds."""
+        return self._steps.histogram()
 
     async def wait_idle(self, timeout: float) -> EngineStats:
         """Returns the first report with no request left and every KV block free; TimeoutError after `timeout`."""

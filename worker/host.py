@@ -18,7 +18,8 @@ from typing import Any
 import ray
 
 from common.channel import fields
-from common.loop_lag import LagTally, LoopLag
+from common.histogram import Tally
+from common.loop_lag import LAG_BUCKETS, LoopLag
 from common.results import EngineChunk, EngineInfo, EngineStats
 from common.sampling import SamplingSpec
 from kv_transfer.transport import SECRET_ENV
@@ -39,7 +40,7 @@ class EngineHost:
         self._kv = kv
         self._engine: Engine | None = None
         self._server: ChannelServer | None = None
-        self._lag = LagTally()
+        self._lag = Tally(LAG_BUCKETS)
         self._lag_sampler: LoopLag | None = None
 
     def handlers(self) -> dict[str, Handler]:
@@ -104,7 +105,8 @@ class EngineHost:
         await self._ready().abort(request_id)
 
     async def stats(self) -> EngineStats:
-        return dataclasses.replace(self._ready().stats(), loop_lag=self._lag.histogram())
+        engine = self._ready()
+        return dataclasses.replace(engine.stats(), loop_lag=self._lag.histogram(), step_time=engine.step_times())
 
     async def wait_idle(self, timeout: float) -> EngineStats:
         return await self._ready().wait_idle(timeout)

@@ -9,6 +9,7 @@ to PromQL queries, with the request's own token count and latency.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import signal
@@ -23,7 +24,7 @@ from typing import Any
 import pytest
 import yaml
 
-from pdserve_client import Client
+from pdserve_client import AsyncClient, Client
 from tests.conftest import free_port, poll
 
 pytestmark = pytest.mark.integration
@@ -208,3 +209,24 @@ def test_a_request_shows_in_prometheus(prometheus, deployment):
     # Each worker actor's event-loop lag, sampled by the worker and carried by its heartbeats.
     lag = prometheus.query(f'pdserve_worker_event_loop_lag_seconds_count{{job="{JOB}"}}')
     assert len(lag) == instances and all(float(s["value"][1]) > 0 for s in lag)
+
+
+def test_every_instance_exports_its_engine_step_times(prometheus, deployment):
+    instances = len(deployment.router.registry.all())
+
+    async def load() -> list[Any]:
+        # Twice as many requests as instances at once, 32 steps each: least_outstanding gives every instance some.
+        async with AsyncClient(deployment.target) as client:
+            return await asyncio.gather(*(client.complete([31, 32, 33, 34 + i], max_tokens=32, temperature=0.0,
+                                                          ignore_eos=True, timeout=120) for i in range(2 * instances)))
+
+    assert all(done.final.completion_tokens == 32 for done in asyncio.run(load()))
+
+    # Each engine's step times, timed by its worker from the engine's reports and carried by its heartbeats.
+    def stepped() -> list[dict[str, Any]] | None:
+        steps = prometheus.query(f'pdserve_engine_step_seconds_count{{job="{JOB}"}}')
+        return steps if len(steps) == instances and all(float(s["value"][1]) > 0 for s in steps) else None
+
+    poll(stepped, "every instance to export engine step times")
+    total = prometheus.value(f'sum(pdserve_engine_step_seconds_sum{{job="{JOB}"}})')
+    assert total is not None and total > 0

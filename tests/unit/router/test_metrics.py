@@ -1,6 +1,7 @@
 import pytest
 
-from common.loop_lag import LagTally
+from common.histogram import Tally
+from common.loop_lag import LAG_BUCKETS
 from router.metrics import RouterMetrics
 from router.timings import PhaseTimings
 
@@ -60,7 +61,7 @@ def test_pool_gauges_are_read_from_the_registry_at_scrape_time():
     assert value(m, "pdserve_instance_waiting_requests", instance="decode-0", role="decode") == 5
     assert value(m, "pdserve_admission_waiting_requests") == 7
     # The worker actor's loop lag, as its heartbeat carried it: a histogram per instance.
-    tally = LagTally()
+    tally = Tally(LAG_BUCKETS)
     for seconds in (0.0005, 0.02, 3.0):
         tally.observe(seconds)
     decode.stats = EngineStats(loop_lag=tally.histogram())
@@ -69,3 +70,34 @@ def test_pool_gauges_are_read_from_the_registry_at_scrape_time():
     assert value(m, "pdserve_worker_event_loop_lag_seconds_bucket", le="0.025", **lag) == 2
     assert value(m, "pdserve_worker_event_loop_lag_seconds_bucket", le="+Inf", **lag) == 3
     assert value(m, "pdserve_worker_event_loop_lag_seconds_sum", **lag) == 3.0205
+    # No step-time histogram where the heartbeat carried none.
+    assert m.registry.get_sample_value("pdserve_engine_step_seconds_count", lag) is None
+
+
+def test_each_instances_engine_step_times_are_exported_as_a_histogram_with_the_bounds_they_were_kept_in():
+    from router.registry import Instance
+    from worker.engine import EngineInfo, EngineStats
+    from worker.steps import STEP_BUCKETS
+
+    info = EngineInfo(max_model_len=1024, block_size=16, num_blocks=64)
+    prefill = Instance("prefill-0", "prefill", None, info, None)
+    decode = Instance("decode-0", "decode", None, info, None)
+    m = RouterMetrics()
+    m.watch_pool(lambda: [prefill, decode], lambda: 0)
+    steps = Tally(STEP_BUCKETS)
+    for seconds in (0.004, 0.03, 0.03, 1.2, 12.0):
+        steps.observe(seconds)
+    prefill.stats = EngineStats(step_time=steps.histogram())
+    decode.stats = EngineStats(step_time=Tally(STEP_BUCKETS).histogram())
+    p = {"instance": "prefill-0", "role": "prefill"}
+    assert value(m, "pdserve_engine_step_seconds_bucket", le="0.001", **p) == 0
+    assert value(m, "pdserve_engine_step_seconds_bucket", le="0.005", **p) == 1
+    assert value(m, "pdserve_engine_step_seconds_bucket", le="0.05", **p) == 3
+    assert value(m, "pdserve_engine_step_seconds_bucket", le="2.5", **p) == 4
+    assert value(m, "pdserve_engine_step_seconds_bucket", le="10.0", **p) == 4
+    assert value(m, "pdserve_engine_step_seconds_bucket", le="+Inf", **p) == 5
+    assert value(m, "pdserve_engine_step_seconds_count", **p) == 5
+    assert value(m, "pdserve_engine_step_seconds_sum", **p) == pytest.approx(13.264)
+    # An engine that has not stepped yet exports an empty histogram, not a missing one.
+    d = {"instance": "decode-0", "role": "decode"}
+    assert m.registry.get_sample_value("pdserve_engine_step_seconds_count", d) == 0

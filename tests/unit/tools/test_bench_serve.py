@@ -142,8 +142,63 @@ def test_json_holds_every_target_and_rate_and_the_plot_points_read_it_back():
     assert set(data["results"]) == {"pdserve-disagg", "vllm"} and "func" not in data["args"]
     assert list(data["results"]["vllm"]) == ["1", "inf"]
     assert data["results"]["vllm"]["1"]["tpots_ms"] == [pytest.approx(500.0)] * 4
+    assert data["results"]["vllm"]["1"]["chunk_times_ms"] == [[100, 600]] * 4
+    assert data["results"]["vllm"]["1"]["engine_steps"] is None  # a target that does not report them
     assert rate_points(data, "pdserve-disagg") == [(1.0, 2.0, 1.0)]  # inf has no place on a rate axis
     assert rate_points(data, "vllm") == [(1.0, 0.0, 0.0)]
+
+
+def test_json_keeps_each_requests_chunk_arrivals_in_ms_after_its_send():
+    from pdserve_tools.bench.serve import samples_json
+
+    traces = [RequestTrace(100.0, (100.1204, 100.1506, 101.2), (1, 2, 1), 8),
+              RequestTrace(100.5, (100.9,), (1,), 8, error="timeout"),  # failed: the chunk it got is kept
+              RequestTrace(101.0, (), (), 8, error="refused")]
+    data = samples_json(traces)
+    assert data["chunk_times_ms"] == [[120, 151, 1200], [400], []]
+    assert all(isinstance(ms, int) for times in data["chunk_times_ms"] for ms in times)
+    assert data["output_lens"] == [4, 1, 0]
+
+
+def test_engine_step_times_of_a_run_come_from_the_routers_metrics_before_and_after_it():
+    from prometheus_client import generate_latest
+
+    from common.histogram import Tally
+    from common.results import EngineInfo, EngineStats
+    from pdserve_tools.bench.serve_engines import EngineCounters, step_times
+    from router.metrics import RouterMetrics
+    from router.registry import Instance
+    from worker.steps import STEP_BUCKETS
+
+    info = EngineInfo(max_model_len=1024, block_size=16, num_blocks=64)
+    prefill = Instance("prefill-0", "prefill", None, info, None)
+    decode = Instance("decode-0", "decode", None, info, None)
+    metrics = RouterMetrics()
+    metrics.watch_pool(lambda: [prefill, decode], lambda: 0)
+    p_steps, d_steps = Tally(STEP_BUCKETS), Tally(STEP_BUCKETS)
+    p_steps.observe(0.3)  # before the run
+    prefill.stats = EngineStats(preemptions=1, step_time=p_steps.histogram())
+    decode.stats = EngineStats(step_time=d_steps.histogram())
+    before = EngineCounters.parse(generate_latest(metrics.registry).decode())
+    for seconds in (0.6, 0.7, 0.8, 0.9):  # the run's prefills: all in the (0.5, 1] bucket
+        p_steps.observe(seconds)
+    for _ in range(99):
+        d_steps.observe(0.02)
+    d_steps.observe(2.0)  # one slow decode step
+    prefill.stats = EngineStats(preemptions=3, step_time=p_steps.histogram())
+    decode.stats = EngineStats(step_time=d_steps.histogram())
+    after = EngineCounters.parse(generate_latest(metrics.registry).decode())
+    assert after.preemptions - before.preemptions == 2
+    steps = step_times(before, after)
+    assert list(steps) == ["decode-0", "prefill-0"]
+    assert steps["prefill-0"]["role"] == "prefill" and steps["prefill-0"]["steps"] == 4
+    assert steps["prefill-0"]["mean_ms"] == pytest.approx(750.0)
+    assert steps["prefill-0"]["p50_ms"] == pytest.approx(750.0)  # interpolated inside (0.5 s, 1 s]
+    assert steps["decode-0"]["steps"] == 100 and steps["decode-0"]["mean_ms"] == pytest.approx(39.8)
+    assert 10.0 < steps["decode-0"]["p50_ms"] <= 25.0 and steps["decode-0"]["p99_ms"] <= 25.0
+    # An instance that took no step in the run has no figures.
+    assert step_times(after, after)["decode-0"] == {"role": "decode", "steps": 0, "mean_ms": None, "p50_ms": None,
+                                                     "p99_ms": None}
 
 
 def test_cdf_skips_missing_samples_and_ends_at_one():

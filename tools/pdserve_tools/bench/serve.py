@@ -13,8 +13,9 @@ end-to-end latency, goodput and SLO attainment with vLLM's definitions.
 
 Output: per rate, a latency table and a throughput table with each target's ratio to the reference target
 (`pdserve-disagg`, else the first target listed); for a search, the highest rate meeting the SLO per target;
-a JSON file with the arguments, every run's `ServeMetrics.to_json()` and per-request samples, and the search
-probes; PNG plots beside it (`plots`).
+a JSON file with the arguments, every run's `ServeMetrics.to_json()`, per-request samples (with each chunk's
+arrival time) and, for pdserve targets, each instance's engine step times in the run (`serve_engines`), and the
+search probes; PNG plots beside it (`plots`).
 
     pdserve bench serve --rate 0.2 0.5 --requests 40 [--targets ...] [--dataset random --input-len 256]
     pdserve bench serve --search 0.05 1.0 --requests 30 --slo-ttft-ms 5000 --slo-tpot-ms 250
@@ -37,6 +38,7 @@ from tqdm import tqdm
 from pdserve.config import load_config
 from pdserve_tools.bench.report import table, write_json
 from pdserve_tools.bench.serve_data import add_dataset_arguments, build_requests, describe, warmup_requests
+from pdserve_tools.bench.serve_engines import step_times
 from pdserve_tools.bench.serve_metrics import (
     RequestTrace,
     SearchConfig,
@@ -45,7 +47,7 @@ from pdserve_tools.bench.serve_metrics import (
     goodput_search,
     summarize,
 )
-from pdserve_tools.bench.serve_targets import CLIENTS, TARGETS, Driver, TargetSpec, preemptions, started
+from pdserve_tools.bench.serve_targets import CLIENTS, TARGETS, Driver, TargetSpec, engine_counters, started
 from pdserve_tools.bench.workload import ArrivalConfig, BenchRequest, arrival_times
 from pdserve_tools.slo import Slo
 
@@ -73,6 +75,7 @@ class Run:
     traces: list[RequestTrace]
     metrics: ServeMetrics
     preemptions: int | None = None  # the target's engines' preemptions during the run (pdserve targets)
+    engine_steps: dict[str, dict[str, Any]] | None = None  # per instance, its engine's steps in the run (pdserve)
 
 
 @dataclass
@@ -128,7 +131,7 @@ async def run_once(driver: Driver, plan: Plan, rate: float, label: str) -> Run:
     arrivals = arrival_times(len(plan.requests), ArrivalConfig(rate, plan.arrivals.burstiness, plan.arrivals.seed))
     slots = asyncio.Semaphore(plan.max_concurrency) if plan.max_concurrency else None
     bar = tqdm(total=len(plan.requests), desc=f"{label} @ {rate_key(rate)} req/s", file=sys.stderr)
-    preempted_before = await preemptions(driver)
+    before = await engine_counters(driver)
     start = time.monotonic()
 
     async def one(request: BenchRequest, at: float) -> RequestTrace:
@@ -146,11 +149,13 @@ async def run_once(driver: Driver, plan: Plan, rate: float, label: str) -> Run:
     finally:
         bar.close()
     duration = time.monotonic() - start
-    preempted = None
-    if preempted_before is not None:
+    run = Run(rate, traces, summarize(traces, duration, plan.slo))
+    if before is not None:
         await asyncio.sleep(HEARTBEAT_S)  # the router's counters are as of its last heartbeat
-        preempted = (await preemptions(driver) or 0) - preempted_before
-    return Run(rate, traces, summarize(traces, duration, plan.slo), preempted)
+        after = await engine_counters(driver)
+        assert after is not None
+        run.preemptions, run.engine_steps = after.preemptions - before.preemptions, step_times(before, after)
+    return run
 
 
 async def _search(driver: Driver, plan: Plan, label: str, result: TargetResult) -> SearchResult:
@@ -243,7 +248,9 @@ def search_rows(results: dict[str, SearchResult], reference: str) -> list[list[o
 
 
 def samples_json(traces: Sequence[RequestTrace]) -> dict[str, list[Any]]:
-    """Per-request figures, in request order (None where a request failed or has no TPOT)."""
+    """Per-request figures, in request order (None where a request failed or has no TPOT). `chunk_times_ms`: per
+    request, the client-side arrival of each output chunk after the request was sent, in whole ms (the chunks a
+    failed request did receive, too): where its ITL samples came from."""
     def ms(value: float | None) -> float | None:
         return None if value is None else value * 1000
 
@@ -254,12 +261,13 @@ def samples_json(traces: Sequence[RequestTrace]) -> dict[str, list[Any]]:
         "input_lens": [t.prompt_tokens for t in traces],
         "output_lens": [t.output_tokens for t in traces],
         "errors": [t.error for t in traces],
+        "chunk_times_ms": [[round((at - t.send_time) * 1000) for at in t.chunk_times] for t in traces],
     }
 
 
 def _run_json(run: Run) -> dict[str, Any]:
     return {"rate_rps": rate_key(run.rate), **run.metrics.to_json(), "preemptions": run.preemptions,
-            **samples_json(run.traces)}
+            "engine_steps": run.engine_steps, **samples_json(run.traces)}
 
 
 def to_json(args: argparse.Namespace, plan: Plan, results: dict[str, TargetResult]) -> dict[str, Any]:

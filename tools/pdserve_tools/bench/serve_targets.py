@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from pdserve.config import EngineConfig, ServeConfig, config_from_dict
+from pdserve_tools.bench.serve_engines import EngineCounters
 from pdserve_tools.bench.serve_metrics import RequestTrace
 from pdserve_tools.bench.workload import BenchRequest
 
@@ -65,25 +66,19 @@ class Counted:
     async def send(self, request: BenchRequest, timeout: float) -> RequestTrace:
         return await self._driver.send(request, timeout)
 
-    async def preemptions(self) -> int:
-        """Requests the target's engines have preempted so far (as of the router's last heartbeat, 1 s)."""
+    async def counters(self) -> EngineCounters:
+        """The target's engine counters so far (as of the router's last heartbeat from each instance, 1 s)."""
         import aiohttp
-        from prometheus_client.parser import text_string_to_metric_families
 
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30.0)) as http, \
                 http.get(self._metrics_url) as reply:
             reply.raise_for_status()
-            text = await reply.text()
-        return int(sum(s.value for f in text_string_to_metric_families(text) if f.name == PREEMPTIONS
-                       for s in f.samples if s.name == f"{PREEMPTIONS}_total"))
+            return EngineCounters.parse(await reply.text())
 
 
-PREEMPTIONS = "pdserve_instance_preemptions"
-
-
-async def preemptions(driver: Driver) -> int | None:
-    """The target's engine preemptions so far, for targets that report them (pdserve); None for the others."""
-    return await driver.preemptions() if isinstance(driver, Counted) else None
+async def engine_counters(driver: Driver) -> EngineCounters | None:
+    """The target's engine counters so far, for targets that report them (pdserve); None for the others."""
+    return await driver.counters() if isinstance(driver, Counted) else None
 
 
 @dataclass(frozen=True)
