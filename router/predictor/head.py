@@ -5,7 +5,10 @@ an MLP (or, with `hidden=0`, one linear layer: the prompt-length baseline) gives
 a softplus, so p50 <= p90 holds by construction. Training minimises the pinball loss of both quantiles over every
 sample of every training prompt (so the head learns each prompt's length distribution, not its mean), with Adam,
 and keeps the weights of the epoch with the lowest validation loss, stopping after `patience` epochs without one.
-The file is a small `torch.save` dict: weights, normalisation, shape and the quantiles.
+The file is a small `torch.save` dict: weights, normalisation, shape and the quantiles. Its config's `features`
+names the kind of predictor it is: "minilm+length" (an MLP on a MiniLM embedding), "length" (the prompt-length
+baseline) or "hashed" (a linear head on `router.predictor.hashed` features, fitted by `pdserve predictor train
+--features hashed`).
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ class HeadConfig:
     in_dim: int
     hidden: int = 64  # 0: a linear head
     dropout: float = 0.1
-    features: str = "minilm+length"  # or "length": which `features` function made the inputs
+    features: str = "minilm+length"  # the file's kind: which features it reads; or "length", or "hashed"
+    buckets: int = 0  # "hashed": the hashed n-gram columns (see `router.predictor.hashed`)
 
 
 class QuantileHead(nn.Module):

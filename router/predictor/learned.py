@@ -1,11 +1,13 @@
 """The learned output-length predictor the router asks for every request, calibrated online.
 
-`LearnedLengthPredictor.predict_text` embeds the prompt text (MiniLM, see `router.predictor.features`), runs the
-trained quantile head and returns a `LengthPrediction` capped by the request's `max_tokens`; its p90 is scaled by
-a `P90Calibrator`. The router reports each finished request with `observe(prediction, generated)`, which moves
-the calibration so that about 90% of requests finish at or below their p90. The p50 is left as the head
-predicts it: ranking and placement use it, and its median property does not drift the way tail coverage does.
-Unlike the baselines' `predict(prompt_tokens, max_tokens)`, this predictor needs the prompt's text.
+`LearnedLengthPredictor.predict_text` turns the prompt text into the features its head was trained on (the
+head file's kind: a MiniLM embedding, see `router.predictor.features`; hashed n-grams, see
+`router.predictor.hashed`; or the prompt's length alone), runs the trained quantile head and returns a
+`LengthPrediction` capped by the request's `max_tokens`; its p90 is scaled by a `P90Calibrator`. The router
+reports each finished request with `observe(prediction, generated)`, which moves the calibration so that about
+90% of requests finish at or below their p90. The p50 is left as the head predicts it: ranking and placement
+use it, and its median property does not drift the way tail coverage does. Unlike the baselines'
+`predict(prompt_tokens, max_tokens)`, this predictor needs the prompt's text.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 
 from router.predictor.calibration import P90Calibrator
 from router.predictor.features import Embedder, length_feature, prompt_features
+from router.predictor.hashed import feature_matrix
 from router.predictor.head import QuantileHead, load_head, to_tokens
 from router.predictor.prediction import LengthPrediction
 
@@ -26,7 +29,7 @@ class LearnedLengthPredictor:
     def __init__(self, head: QuantileHead, embedder: Embedder | None = None,
                  calibrator: P90Calibrator | None = None) -> None:
         self._head = head.eval()
-        self._uses_embedding = head.config.features != "length"
+        self._uses_embedding = head.config.features not in ("length", "hashed")
         if self._uses_embedding and embedder is None:
             embedder = Embedder()
         self._embedder = embedder
@@ -39,9 +42,12 @@ class LearnedLengthPredictor:
     @torch.inference_mode()
     def raw(self, prompts: list[str], prompt_tokens: list[int]) -> torch.Tensor:
         """[n, 2] uncalibrated log(1 + length) at the p50 and p90."""
+        config = self._head.config
         if self._uses_embedding:
             assert self._embedder is not None
             x = prompt_features(self._embedder.embed(prompts), prompt_tokens)
+        elif config.features == "hashed":
+            x = feature_matrix(prompts, prompt_tokens, config.buckets)
         else:
             x = length_feature(prompt_tokens)
         out: Any = self._head(x)

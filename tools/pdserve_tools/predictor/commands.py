@@ -29,14 +29,19 @@ def add_parsers(sub: Any, label: Command, train: Command, evaluate: Command) -> 
     c = psub.add_parser("train", help="fit the quantile head on a labelled file")
     c.add_argument("--data", required=True)
     c.add_argument("--out", required=True, help="the head file to write")
-    c.add_argument("--hidden", type=int, default=64, help="hidden width; 0: linear")
+    c.add_argument("--features", choices=["minilm", "hashed"], default="minilm",
+                   help="minilm: an MLP on a sentence embedding; hashed: a linear head on hashed word n-grams")
+    c.add_argument("--hidden", type=int, default=64, help="minilm: hidden width; 0: linear")
+    c.add_argument("--buckets", type=int, default=16384, help="hashed: n-gram buckets")
     c.add_argument("--epochs", type=int, default=300, help="at most; early stopping usually ends sooner")
     c.add_argument("--seed", type=int, default=0)
     c.set_defaults(func=train)
 
-    c = psub.add_parser("eval", help="score a head on the held-out split beside a prompt-length baseline")
+    c = psub.add_parser("eval", help="score heads on the held-out split beside a prompt-length baseline")
     c.add_argument("--data", required=True)
-    c.add_argument("--head", required=True)
+    c.add_argument("--head", required=True, action="append",
+                   help="a head file; repeat to compare several (the first is the one --summary reports)")
+    c.add_argument("--summary", help="also write the first head's and the baseline's headline figures here")
     c.add_argument("--split", default="test", choices=["train", "validation", "test"])
     c.add_argument("--json", default="bench-results/predictor-eval.json")
     c.add_argument("--threads", type=int, default=1, help="torch threads (the router's share of a core)")

@@ -1,8 +1,10 @@
 """`pdserve predictor train`: fits the quantile head on a labelled file's train split, early-stopped on validation.
 
-Every prompt's features are computed once (the embedding dominates the time); each sample of a prompt is one
-training row (its features, log(1 + its length)). A file without validation records (a toy file) early-stops on
-the training rows instead, and says so.
+`--features minilm` (the default) fits an MLP on MiniLM embeddings, below; `--features hashed` fits a linear head
+on hashed n-grams instead (`pdserve_tools.predictor.hashed_fit`). For MiniLM, every prompt's features are
+computed once (the embedding dominates the time); each sample of a prompt is one training row (its features,
+log(1 + its length)). A file without validation records (a toy file) early-stops on the training rows instead,
+and says so.
 """
 
 from __future__ import annotations
@@ -59,8 +61,31 @@ def train_head(train: Rows, validation: Rows, head_config: HeadConfig, fit_confi
     return head, fit(head, (train.x, train.y), (validation.x, validation.y), fit_config)
 
 
+def _main_hashed(args: argparse.Namespace, records: Sequence[LabelRecord]) -> int:
+    from pdserve_tools.predictor.hashed_fit import HashedFitConfig, fit_hashed
+
+    torch.set_num_threads(1)
+    train, validation = by_split(records, "train"), by_split(records, "validation")
+    if not validation:
+        print("no validation records: choosing on the training prompts", file=sys.stderr)
+    result = fit_hashed(train, validation, HashedFitConfig(buckets=args.buckets, seed=args.seed))
+    save_head(result.head, args.out, {"data": str(args.data), "train_prompts": len(train),
+                                      "validation_prompts": len(validation), "penalty": result.penalty,
+                                      "validation_loss": result.validation_loss, "best_step": result.best_step,
+                                      "max_tokens": records[0].settings.max_tokens})
+    size = Path(args.out).stat().st_size
+    print(f"hashed head saved to {args.out} ({size / 1024:.0f} KiB): {len(train)} train / {len(validation)} "
+          f"validation prompts, penalty {result.penalty:g}, validation censored pinball "
+          f"{result.validation_loss:.4f} at step {result.best_step}", file=sys.stderr)
+    return 0
+
+
 def main(args: argparse.Namespace) -> int:
     records = read_labels(args.data)
+    if not records:
+        raise SystemExit(f"{args.data} holds no records: label some first")
+    if args.features == "hashed":
+        return _main_hashed(args, records)
     train, validation = by_split(records, "train"), by_split(records, "validation")
     features = minilm_features(train + validation)
     head, result = train_head(
