@@ -66,7 +66,7 @@ def test_label_resume_train_and_eval(tiny_model, tmp_path, monkeypatch, capsys):
     assert cli(["predictor", "eval", "--data", str(out), "--head", str(head), "--split", split,
                 "--json", str(report_file), "--cost-prompts", "4"]) == 0
     report = json.loads(report_file.read_text())
-    assert set(report["results"]) == {"learned", "prompt_length"}
+    assert set(report["results"]) == {"minilm", "prompt_length"}  # the head, named by its kind, and the baseline
     for scores in report["results"].values():
         assert {"kendall_tau", "mae_tokens", "within_50", "within_100", "p90_coverage", "p90_coverage_online",
                 "cost_ms_p50"} <= set(scores)
