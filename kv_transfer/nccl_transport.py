@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from kv_transfer import tcp
 from kv_transfer.auth import authenticate
 from kv_transfer.communicator import Backend
 from kv_transfer.link import Link, Listener, Setup, establish
@@ -136,10 +137,4 @@ def listen(config: TransportConfig, plane: NcclPlane, host: str = "127.0.0.1", p
 
 def connect(address: tuple[str, int], config: TransportConfig, plane: NcclPlane, timeout: float) -> Link:
     """A prefill worker's link to the decode worker at `address`; `TransportTimeout` past `timeout`."""
-    try:
-        sock = socket.create_connection(address, timeout=timeout)
-    except TimeoutError as exc:
-        raise TransportTimeout(f"could not connect to {address} within {timeout:g}s") from exc
-    except OSError as exc:
-        raise PeerGone(f"could not connect to {address}: {exc}") from exc
-    return establish(sock, _setup(config, plane), dialer=True)
+    return establish(tcp.dial(address, timeout), _setup(config, plane), dialer=True)

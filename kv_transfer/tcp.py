@@ -74,12 +74,16 @@ def listen(
     return Listener(sock, (host, port), _setup(config))
 
 
-def connect(address: tuple[str, int], config: TransportConfig, timeout: float) -> Link:
-    """Dial a `tcp` listener and authenticate; `TransportTimeout` if it takes longer than `timeout`."""
+def dial(address: tuple[str, int], timeout: float) -> socket.socket:
+    """A connected socket to `address`; `TransportTimeout` past `timeout`, `PeerGone` if it is refused."""
     try:
-        sock = socket.create_connection(address, timeout=timeout)
+        return socket.create_connection(address, timeout=timeout)
     except TimeoutError as exc:
         raise TransportTimeout(f"could not connect to {address} within {timeout:g}s") from exc
     except OSError as exc:
         raise PeerGone(f"could not connect to {address}: {exc}") from exc
-    return establish(sock, _setup(config), dialer=True)
+
+
+def connect(address: tuple[str, int], config: TransportConfig, timeout: float) -> Link:
+    """Dial a `tcp` listener and authenticate; `TransportTimeout` if it takes longer than `timeout`."""
+    return establish(dial(address, timeout), _setup(config), dialer=True)
