@@ -79,6 +79,7 @@ class RouterConfig:
     admission_queue: int = 1024
     retry_after_s: float = 1.0
     header_timeout_s: float = 10.0  # see above: the time to send an HTTP request head or finish gRPC's handshake
+    body_timeout_s: float = 30.0  # an HTTP body not in whole this long after its head gets 408
     max_http_connections: int = 1024  # HTTP connections served at once; a request on one more gets 503
     max_grpc_connections: int = 1024  # gRPC connections at once; one more is closed at once (UNAVAILABLE)
     max_grpc_streams: int = 1024  # Generate calls at once, all connections together; one more: RESOURCE_EXHAUSTED
@@ -99,8 +100,9 @@ class RouterConfig:
         for name in ("max_outstanding", "admission_queue", "hold_queue"):
             if getattr(self, name) < 0:
                 raise ValueError(f"router.{name} must be >= 0, got {getattr(self, name)}")
-        if not self.header_timeout_s > 0:
-            raise ValueError(f"router.header_timeout_s must be > 0 seconds, got {self.header_timeout_s}")
+        for name in ("header_timeout_s", "body_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"router.{name} must be > 0 seconds, got {getattr(self, name)}")
         for name in ("grpc_idle_timeout_s", "grpc_max_connection_age_s"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"router.{name} must be >= 0 seconds (0: no limit), got {getattr(self, name)}")

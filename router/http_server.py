@@ -18,9 +18,9 @@ Security (`security.py`): with a token, every path but `/health` needs `Authoriz
 it the answer is 401 with OpenAI's error body (code `invalid_api_key`) and `WWW-Authenticate: Bearer`. With TLS,
 uvicorn serves HTTPS from the same files as the gRPC frontend, requiring a client certificate when a client CA is
 configured.
-Connections (`RouterConfig`): a request head must arrive within `header_timeout_s` (`head_timeout.py`); beyond
-`max_http_connections` open connections, a request gets 503 and its connection is closed, while the requests of
-the connections already served go on.
+Connections (`RouterConfig`): a request head must arrive within `header_timeout_s` and its body within
+`body_timeout_s` (408); beyond `max_http_connections` open connections, a request gets 503 with OpenAI's error
+body and its connection is closed, while the requests of the connections already served go on (`http_guard.py`).
 """
 
 from __future__ import annotations
@@ -48,8 +48,16 @@ from common.errors import Overloaded, ServeError, retry_after_header
 from common.version import VERSION as __version__
 from router.config import RouterConfig, TlsConfig
 from router.frontend import deadline_after, open_stream
-from router.head_timeout import head_timeout_protocol
-from router.openai_wire import BadField, ChatBody, CompletionBody, Reply, chat_request, completion_request
+from router.http_guard import guarded_protocol
+from router.openai_wire import (
+    BadField,
+    ChatBody,
+    CompletionBody,
+    Reply,
+    chat_request,
+    completion_request,
+    error_body,
+)
 from router.request import Request
 from router.security import AUTHORIZATION, SCHEME, Security, check_bearer
 from router.service import Delta, Router, new_request_id
@@ -74,10 +82,6 @@ _TYPE_TAGS = frozenset({"str", "int", "float", "bool"})  # pydantic's names of u
 
 class ClientGone(Exception):
     """The client disconnected before its response was ready."""
-
-
-def error_body(message: str, kind: str, code: str | None, param: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 def translate_error(e: ServeError) -> tuple[int, dict[str, Any]]:
@@ -233,31 +237,40 @@ async def _unexpected(http: fastapi.Request, exc: Exception) -> JSONResponse:
 
 
 MAX_BODY_BYTES = 8 << 20  # a request body larger than this gets 413 before any of it is parsed
+BODY_TIMEOUT_S = 30.0  # a request body must have arrived whole this long after its head
 
 
 class _LimitBody:
     """ASGI middleware: a body over `limit` bytes gets 413, by its Content-Length before anything is read, or, for
-    a body of no declared length (chunked), as soon as its bytes pass the limit; such a body is read here first and
-    handed to the app whole, so nothing holds more than `limit` bytes of one body."""
+    a body of no declared length (chunked), as soon as its bytes pass the limit; a body that has not arrived whole
+    within `timeout_s` of its request's head gets 408 (a client that trickles its body holds a connection that long
+    at most). The body is read here and handed to the app whole, so nothing holds more than `limit` bytes of one
+    body."""
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    def __init__(self, app: ASGIApp, limit: int, timeout_s: float = BODY_TIMEOUT_S) -> None:
         self._app = app
         self._limit = limit
+        self._timeout_s = timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self._app(scope, receive, send)
             return
         declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None:
-            if declared.isdigit() and int(declared) > self._limit:
-                await self._refuse(scope, receive, send)
-            else:  # the server reads exactly the declared length
-                await self._app(scope, receive, send)
+        if declared is not None and declared.isdigit() and int(declared) > self._limit:
+            await self._refuse(scope, receive, send, 413, f"the request body is larger than {self._limit} bytes",
+                               "body_too_large")
             return
-        body = await self._read(receive)
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                body = await self._read(receive)
+        except TimeoutError:
+            await self._refuse(scope, receive, send, 408, f"the request body did not arrive whole within "
+                               f"{self._timeout_s:g} s (router.body_timeout_s)", "body_timeout")
+            return
         if body is None:
-            await self._refuse(scope, receive, send)
+            await self._refuse(scope, receive, send, 413, f"the request body is larger than {self._limit} bytes",
+                               "body_too_large")
             return
         replayed = False
 
@@ -286,10 +299,10 @@ class _LimitBody:
             if not message.get("more_body", False):
                 return b"".join(parts)
 
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        body = error_body(f"the request body is larger than {self._limit} bytes", "invalid_request_error",
-                          "body_too_large")
-        await JSONResponse(body, 413, {"Connection": "close"})(scope, receive, send)
+    @staticmethod
+    async def _refuse(scope: Scope, receive: Receive, send: Send, status: int, message: str, code: str) -> None:
+        body = error_body(message, "invalid_request_error", code)
+        await JSONResponse(body, status, {"Connection": "close"})(scope, receive, send)
 
 
 class _RequireToken:
@@ -311,11 +324,17 @@ class _RequireToken:
         await self._app(scope, receive, send)
 
 
-def build_app(router: Router, token: str | None = None, max_body_bytes: int = MAX_BODY_BYTES) -> fastapi.FastAPI:
+def build_app(
+    router: Router,
+    token: str | None = None,
+    max_body_bytes: int = MAX_BODY_BYTES,
+    body_timeout_s: float = BODY_TIMEOUT_S,
+) -> fastapi.FastAPI:
     app = fastapi.FastAPI(title="pdserve", version=__version__, docs_url=None, redoc_url=None)
     if token is not None:
         app.add_middleware(_RequireToken, token=token)
-    app.add_middleware(_LimitBody, limit=max_body_bytes)  # added last: it runs first, before the token check
+    # Added last, so it runs first: before the token check.
+    app.add_middleware(_LimitBody, limit=max_body_bytes, timeout_s=body_timeout_s)
     api = _Api(router)
     app.add_api_route("/v1/completions", api.completions, methods=["POST"])
     app.add_api_route("/v1/chat/completions", api.chat_completions, methods=["POST"])
@@ -376,11 +395,10 @@ async def start_http(
     limits = config or RouterConfig()
     # Bound and listening before uvicorn starts, so the port is known and early clients wait in the backlog.
     sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
-    app = build_app(router, security.token, limits.max_body_bytes)
-    # uvicorn answers 503 once its open connections (the asking one included) reach `limit_concurrency`.
+    app = build_app(router, security.token, limits.max_body_bytes, limits.body_timeout_s)
+    # The connection cap is the protocol's (an OpenAI-shaped 503), not uvicorn's `limit_concurrency` (plain text).
     served = uvicorn.Config(app, lifespan="off", log_config=None, access_log=False, ws="none",
-                            http=head_timeout_protocol(limits.header_timeout_s),
-                            limit_concurrency=limits.max_http_connections + 1,
+                            http=guarded_protocol(limits.header_timeout_s, limits.max_http_connections),
                             timeout_keep_alive=KEEP_ALIVE_S, **_tls_options(security.tls))
     server = _Server(served)
     task = asyncio.create_task(server.serve(sockets=[sock]), name="pdserve-http")

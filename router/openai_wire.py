@@ -88,6 +88,11 @@ class ChatBody(_Body):
     max_completion_tokens: int | None = None  # OpenAI's newer name for max_tokens; wins when both are set
 
 
+def error_body(message: str, kind: str, code: str | None, param: str | None = None) -> dict[str, Any]:
+    """OpenAI's error body."""
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
 def completion_request(body: CompletionBody, request_id: str, deadline: float | None) -> Request:
     _refuse_unsupported(body)
     prompt, ids = _prompt(body.prompt)

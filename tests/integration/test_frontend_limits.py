@@ -1,8 +1,9 @@
 """The frontends' connection limits, on frontends of their own (tight limits) over the colocated deployment's router.
 
 HTTP: a client that withholds or trickles its request head loses its connection after the header timeout, on a
-new connection and on a kept-alive one, while an idle kept-alive connection is left alone; beyond the connection
-cap a request gets 503 while a stream already running goes on to its end. gRPC: beyond the stream cap a Generate
+new connection and on a kept-alive one, while an idle kept-alive connection is left alone; a body that does not
+arrive in time gets 408; beyond the connection cap a request gets 503 with OpenAI's error body while a stream
+already running goes on to its end. gRPC: beyond the stream cap a Generate
 call gets RESOURCE_EXHAUSTED naming the setting; gRPC core enforces the per-connection stream cap, the connection
 cap, the handshake timeout and the idle and age limits.
 """
@@ -106,6 +107,21 @@ def test_a_kept_alive_connection_may_idle_but_not_trickle_its_next_head(http_wit
         assert seconds_until_closed(sock) < 5
 
 
+def test_a_body_that_does_not_arrive_in_time_gets_408_and_the_connection_closes(http_with: Start) -> None:
+    http_port = http_with(body_timeout_s=HEAD_TIMEOUT_S)
+    with socket.create_connection(("127.0.0.1", http_port), timeout=10) as sock:
+        head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n"
+        sock.sendall(head + b'{"model": ')  # 10 of the 100 bytes it declared, then nothing
+        start = time.monotonic()
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+        took = time.monotonic() - start
+    status, _, body = reply.partition(b"\r\n\r\n")
+    assert status.startswith(b"HTTP/1.1 408") and HEAD_TIMEOUT_S * 0.8 <= took < 5
+    assert json.loads(body)["error"]["code"] == "body_timeout"
+
+
 def test_a_request_beyond_the_connection_cap_gets_503_and_streams_go_on(http_with: Start) -> None:
     http_port = http_with(max_http_connections=2)
     streaming = http.client.HTTPConnection("127.0.0.1", http_port, timeout=60)
@@ -123,6 +139,9 @@ def test_a_request_beyond_the_connection_cap_gets_503_and_streams_go_on(http_wit
         extra.request("GET", "/health")
         refused = extra.getresponse()
         assert refused.status == 503 and refused.getheader("connection") == "close"
+        assert refused.getheader("retry-after") == "1"
+        error = json.loads(refused.read())["error"]  # OpenAI's error body, as every other refusal has
+        assert error["code"] == "too_many_connections" and "router.max_http_connections" in error["message"]
 
         events = [line for line in stream.read().split(b"\n") if line.startswith(b"data: ")]
         assert events[-1] == b"data: [DONE]" and b'"finish_reason":"length"' in events[-2]  # ran to its end

@@ -12,6 +12,7 @@ from router.metrics import RouterMetrics, serve_metrics
 
 @pytest.mark.parametrize(("field", "value", "message"), [
     ("header_timeout_s", 0.0, "router.header_timeout_s must be > 0 seconds"),
+    ("body_timeout_s", -1.0, "router.body_timeout_s must be > 0 seconds"),
     ("max_http_connections", 0, "router.max_http_connections must be >= 1"),
     ("max_grpc_connections", 0, "router.max_grpc_connections must be >= 1"),
     ("max_grpc_streams", 0, "router.max_grpc_streams must be >= 1"),
