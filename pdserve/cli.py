@@ -44,7 +44,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from pdserve_client import Client, PdserveError
+    from pdserve_client import Client, PdserveError, Tls
 
     prompt: object = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
     token = None
@@ -53,7 +53,14 @@ def _generate(args: argparse.Namespace) -> int:
         if not token:
             print(f"error: --token-env {args.token_env}: that environment variable is not set", file=sys.stderr)
             return 2
-    with Client(args.target, token=token) as client:
+    tls = None
+    if args.ca_file is not None or args.server_name is not None:
+        try:
+            tls = Tls.from_files(root_ca=args.ca_file, server_name=args.server_name)
+        except OSError as e:
+            print(f"error: --ca-file {args.ca_file}: {e.strerror}", file=sys.stderr)
+            return 2
+    with Client(args.target, token=token, tls=tls) as client:
         try:
             final = None
             for chunk in client.generate(
@@ -116,6 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=120.0)
     p.add_argument("--raw", dest="chat", action="store_false", help="send the prompt as raw text, not a chat")
     p.add_argument("--token-env", metavar="NAME", help="send the bearer token held in this environment variable")
+    p.add_argument("--ca-file", metavar="PEM",
+                   help="TLS: verify the server against this CA certificate (or the server's own, self-signed)")
+    p.add_argument("--server-name", metavar="NAME",
+                   help="TLS: the name the server's certificate must carry, when the target is another name or an "
+                        "address (a port-forward to localhost); implies TLS with the system's roots unless --ca-file")
     p.set_defaults(func=_generate)
 
     p = sub.add_parser("demo", help="start a local cluster, stream a few answers with timings, stop")

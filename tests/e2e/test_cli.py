@@ -1,4 +1,5 @@
-"""The `pdserve` command as a user runs it: model prepare, demo, serve + generate (subprocesses)."""
+"""The `pdserve` command as a user runs it: model prepare, demo, serve + generate over TLS with the bearer token
+(subprocesses)."""
 
 from __future__ import annotations
 
@@ -53,8 +54,17 @@ def test_demo_streams_answers_with_timings_and_exits_0(tmp_path, tiny_model):
     assert len(breakdowns) == 3
 
 
-def test_serve_then_generate_through_the_sdk(tmp_path, tiny_model):
-    server = subprocess.Popen([*PDSERVE, "serve", "--config", str(tiny_config(tmp_path, tiny_model))],
+def test_serve_then_generate_through_the_sdk_over_tls_with_the_token(tmp_path, tiny_model):
+    from tests.pki import Authority
+
+    authority = Authority(tmp_path, "ca")
+    server_pair = authority.issue("server", server=True)
+    config = yaml.safe_load(tiny_config(tmp_path, tiny_model).read_text())
+    config["router"].update(tls={"cert_file": str(server_pair.cert), "key_file": str(server_pair.key)},
+                            auth={"token_env": "PDSERVE_API_TOKEN"})
+    (tmp_path / "secured.yaml").write_text(yaml.safe_dump(config))
+    env = {**os.environ, "PDSERVE_API_TOKEN": "s3cret-token", "MY_TOKEN": "s3cret-token"}
+    server = subprocess.Popen([*PDSERVE, "serve", "--config", str(tmp_path / "secured.yaml")], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         assert server.stdout is not None
@@ -64,13 +74,21 @@ def test_serve_then_generate_through_the_sdk(tmp_path, tiny_model):
                 port = m.group(1)
                 break
         assert port is not None, "the server exited before serving"
-        gen = subprocess.run([*PDSERVE, "generate", "Hello there", "--target", f"127.0.0.1:{port}",
-                              "--max-tokens", "5"], capture_output=True, text=True, timeout=120)
+
+        def generate(*extra: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([*PDSERVE, "generate", "Hello there", "--target", f"localhost:{port}", *extra],
+                                  env=env, capture_output=True, text=True, timeout=120)
+
+        secured = ("--ca-file", str(authority.pair.cert), "--token-env", "MY_TOKEN")
+        gen = generate(*secured, "--max-tokens", "5")
         assert gen.returncode == 0, gen.stderr
         assert re.search(r"\[\d+ tokens, (stop|length), TTFT \d+ ms", gen.stderr)
-        bad = subprocess.run([*PDSERVE, "generate", "Hello", "--target", f"127.0.0.1:{port}", "--max-tokens", "0"],
-                             capture_output=True, text=True, timeout=120)
+        bad = generate(*secured, "--max-tokens", "0")
         assert bad.returncode == 1 and "INVALID_ARGUMENT: sampling.max_tokens must be between 1" in bad.stderr
+        no_token = generate("--ca-file", str(authority.pair.cert))
+        assert no_token.returncode == 1 and "UNAUTHENTICATED" in no_token.stderr
+        unset = generate("--ca-file", str(authority.pair.cert), "--token-env", "NOT_SET_ANYWHERE")
+        assert unset.returncode == 2 and "NOT_SET_ANYWHERE: that environment variable is not set" in unset.stderr
     finally:
         server.terminate()
         assert server.wait(timeout=120) == 0
