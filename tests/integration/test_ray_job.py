@@ -5,9 +5,9 @@ authentication on with a token of its own), in its own process group and its own
 neither joins nor disturbs the local Ray that other tests start in this process. The job runs what
 deploy/ray/README.md tells an operator to run: the entrypoint `pdserve serve --config config.yaml` with
 deploy/ray/runtime_env.yaml, the config being deploy/ray/config.yaml with the tiny model and free loopback
-ports. The test waits for the router to announce itself in the job's logs, sends one request through the SDK,
-stops the job and checks that the entrypoint shut down on SIGTERM (not killed after the grace period) and that
-every actor of the job is dead.
+ports, its TLS files those of a throwaway CA. The test waits for the router to announce itself in the job's logs,
+sends one request through the SDK over TLS with the token, stops the job and checks that the entrypoint shut down
+on SIGTERM (not killed after the grace period) and that every actor of the job is dead.
 """
 
 from __future__ import annotations
@@ -32,8 +32,9 @@ import psutil
 import pytest
 import yaml
 
-from pdserve_client import Client
+from pdserve_client import Client, Tls
 from tests.conftest import TINY_ENGINE, free_port, poll
+from tests.pki import Authority, Pair
 
 pytestmark = pytest.mark.integration
 
@@ -131,12 +132,14 @@ def ray_head() -> Iterator[RayHead]:
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def job_config(folder: Path, tiny_model: Path) -> None:
-    """deploy/ray/config.yaml with the tiny model and free ports on loopback."""
+def job_config(folder: Path, tiny_model: Path, server: Pair) -> None:
+    """deploy/ray/config.yaml with the tiny model, free ports on loopback and the test's server certificate."""
     config = yaml.safe_load((DEPLOY_RAY / "config.yaml").read_text())
     assert config["ray"]["address"] == "auto"
     config["engine"] = {**config["engine"], "model": str(tiny_model), **TINY_ENGINE}
     config["router"].update(host="127.0.0.1", port=0, http_port=0, metrics_port=0)
+    assert set(config["router"]["tls"]) == {"cert_file", "key_file"}  # TLS on, as shipped
+    config["router"]["tls"] = {"cert_file": str(server.cert), "key_file": str(server.key)}
     (folder / "config.yaml").write_text(yaml.safe_dump(config))
 
 
@@ -156,6 +159,7 @@ def test_shipped_job_config_joins_the_cluster_and_listens_on_every_interface():
     assert config.ray.address == "auto" and config.ray.num_cpus is None
     assert config.router.host == "0.0.0.0" and config.workers.mode == "disaggregated"
     assert config.router.auth.token_env == API_TOKEN_ENV and config.router.max_outstanding > 0
+    assert config.router.tls.enabled
     assert config.workers.prefill.resources and config.workers.decode.resources
     env = yaml.safe_load((DEPLOY_RAY / "runtime_env.yaml").read_text())
     assert set(env) == {"env_vars"} and int(env["env_vars"]["RAY_JOB_STOP_WAIT_TIME_S"]) >= 30
@@ -165,9 +169,13 @@ def test_pdserve_runs_as_a_ray_job_and_stops_cleanly(ray_head, tiny_model, tmp_p
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     jobs = JobSubmissionClient(ray_head.dashboard_url, headers=ray_head.headers)
-    job_config(tmp_path, tiny_model)
+    pki = tmp_path / "pki"  # outside the job's working_dir, as the certificate files are on a real head node
+    pki.mkdir()
+    authority = Authority(pki, "ca")
+    (tmp_path / "job").mkdir()
+    job_config(tmp_path / "job", tiny_model, authority.issue("server", server=True))
     runtime_env = yaml.safe_load((DEPLOY_RAY / "runtime_env.yaml").read_text())
-    job_id = jobs.submit_job(entrypoint=ENTRYPOINT, runtime_env={**runtime_env, "working_dir": str(tmp_path)})
+    job_id = jobs.submit_job(entrypoint=ENTRYPOINT, runtime_env={**runtime_env, "working_dir": str(tmp_path / "job")})
 
     def serving_port() -> str | None:
         status = jobs.get_job_status(job_id)
@@ -178,7 +186,7 @@ def test_pdserve_runs_as_a_ray_job_and_stops_cleanly(ray_head, tiny_model, tmp_p
 
     port = poll(serving_port, "the router to announce its gRPC port in the job's logs", timeout=420)
     assert jobs.get_job_status(job_id) == JobStatus.RUNNING
-    with Client(f"127.0.0.1:{port}", token=API_TOKEN) as client:
+    with Client(f"127.0.0.1:{port}", token=API_TOKEN, tls=Tls.from_files(authority.pair.cert)) as client:
         done = client.complete([31, 32, 33, 34, 35], max_tokens=4, temperature=0.0, ignore_eos=True, timeout=120)
     assert done.final.finish_reason == "length" and len(done.token_ids) == 4
 

@@ -2,7 +2,7 @@
 
 Each must load as `pdserve serve` loads it (`config_from_dict`: unknown keys are errors), disaggregate over a
 prefill and a decode pool that Ray places by custom resources of their own, let KV cross nodes, and keep
-authentication and admission limits on: every shipped deployment renders with both.
+authentication, TLS and admission limits on: every shipped deployment renders with all three.
 """
 
 from __future__ import annotations
@@ -45,6 +45,12 @@ def test_every_shipped_config_keeps_authentication_and_admission_on(shipped: tup
     assert router["host"] == "0.0.0.0", name
     assert router["auth"]["token_env"] == "PDSERVE_API_TOKEN", name
     assert router["max_outstanding"] > 0 and router["admission_queue"] > 0, name
+
+
+def test_every_shipped_config_turns_tls_on_where_the_token_crosses_the_network(shipped: tuple[str, Obj]) -> None:
+    name, data = shipped
+    config = config_from_dict(data)
+    assert config.router.auth.token_env and config.router.tls.enabled, name
 
 
 def test_every_shipped_config_lets_kv_cross_nodes(shipped: tuple[str, Obj]) -> None:

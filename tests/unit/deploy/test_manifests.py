@@ -69,20 +69,14 @@ def test_every_object_validates_against_the_kubernetes_schemas(overlay: str, ver
     assert errors == []
 
 
-@pytest.mark.parametrize("version", K8S_VERSIONS)
-def test_the_tls_component_validates_against_the_kubernetes_schemas(overlay: str, version: str) -> None:
-    errors = [e for obj in render(overlay, "tls") for e in schema_errors(obj, version)]
-    assert errors == []
-
-
 BREAKAGES = {
     "service port as text": (("Service", "pdserve"), ("spec", "ports", 0, "port"), "fifty"),
     "access modes not a list": (("PersistentVolumeClaim", "pdserve-model-cache"), ("spec", "accessModes"),
                                 "ReadWriteMany"),
     "budget selector as a list": (("PodDisruptionBudget", "pdserve-workers"), ("spec", "selector", "matchLabels"),
                                   ["app"]),
-    "gRPC probe port by name": (("RayCluster", "pdserve"), ("spec", "headGroupSpec", "template", "spec",
-                                "containers", 0, "startupProbe", "grpc", "port"), "grpc"),
+    "probe period as text": (("RayCluster", "pdserve"), ("spec", "headGroupSpec", "template", "spec",
+                             "containers", 0, "startupProbe", "periodSeconds"), "ten"),
     "misspelled container field": (("RayCluster", "pdserve"), ("spec", "workerGroupSpecs", 1, "template", "spec",
                                    "containers", 0, "resource"), {"limits": {"cpu": "1"}}),
     "network policy port as a name list": (("NetworkPolicy", "pdserve-kv"), ("spec", "ingress", 0, "ports"),
@@ -163,7 +157,7 @@ def crd_errors(obj: Obj, strict_schema: bool = True) -> list[str]:
 
 
 def test_kuberay_objects_validate_strictly_against_the_kuberay_crds(overlay: str) -> None:
-    objs = [o for o in render(overlay) + render(overlay, "tls") if o["apiVersion"].startswith("ray.io/")]
+    objs = [o for o in render(overlay) if o["apiVersion"].startswith("ray.io/")]
     assert objs
     assert [e for o in objs for e in crd_errors(o)] == []
 

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from pdserve_client.v1 import pdserve_pb2
 from tests.unit.deploy.shipped import (
     CONFIG_PATH,
     OVERLAYS,
@@ -31,7 +30,6 @@ from tests.unit.deploy.shipped import (
     render,
 )
 
-HEALTH_SERVICE = pdserve_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
 # rayStartParams that KubeRay refuses beside a group's `resources` (its validateRayGroupResources).
 RESOURCE_PARAMS = ("num-cpus", "num-gpus", "memory", "resources")
 IMAGE = "ghcr.io/pdserve/pdserve"
@@ -78,7 +76,9 @@ def test_the_head_keeps_kuberays_probes_and_starts_once_the_router_serves(overla
     # KubeRay adds its own readiness and liveness probes (raylet and GCS health) only where the template has none.
     assert "readinessProbe" not in container and "livenessProbe" not in container
     probe = container["startupProbe"]
-    assert probe["grpc"] == {"port": router["port"], "service": HEALTH_SERVICE}
+    # Over HTTPS on the HTTP frontend, which serves once the router does (the kubelet's gRPC probe has no TLS).
+    assert router["tls"] and probe["httpGet"] == {"path": "/health", "port": "http", "scheme": "HTTPS"}
+    assert ports_of(container)["http"] == router["http_port"]
     assert probe["periodSeconds"] * probe["failureThreshold"] >= 30 * 60  # model preparation and engine starts
 
 
@@ -94,19 +94,17 @@ def test_ports_and_service_reach_the_router(overlay: str) -> None:
         50051: router["port"], 8000: router["http_port"], 9400: router["metrics_port"]}
 
 
-def test_the_tls_component_mounts_the_certificate_and_probes_over_https(overlay: str) -> None:
-    objs = render(overlay, "tls")
+def test_tls_is_on_with_the_certificate_secret_mounted_where_the_config_reads_it(overlay: str) -> None:
+    objs = render(overlay)
     head = pod_templates(cluster(objs))["head"]
     container = head["spec"]["containers"][0]
     volume = next(v for v in head["spec"]["volumes"] if v.get("secret", {}).get("secretName") == "pdserve-tls")
     (mount,) = [m for m in container["volumeMounts"] if m["name"] == volume["name"]]
     assert mount["readOnly"] is True
     assert not mount["mountPath"].startswith(str(Path(CONFIG_PATH).parent) + "/")  # not inside the config mount
-    assert container["startupProbe"]["httpGet"] == {"path": "/health", "port": "http", "scheme": "HTTPS"}
-    # The config's commented TLS lines name files of that mount.
-    text = one(objs, "ConfigMap", "pdserve-config")["data"]["config.yaml"]
-    paths = re.findall(r"#\s*(?:cert_file|key_file):\s*(\S+)", text)
-    assert len(paths) == 2 and all(Path(p).parent == Path(mount["mountPath"]) for p in paths), paths
+    tls = config_data(objs)["router"]["tls"]
+    assert Path(tls["cert_file"]) == Path(mount["mountPath"]) / "tls.crt"
+    assert Path(tls["key_file"]) == Path(mount["mountPath"]) / "tls.key"
 
 
 # --- The worker groups against the pools --------------------------------------------------------------------
