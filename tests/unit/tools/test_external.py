@@ -197,7 +197,8 @@ def test_the_json_has_exactly_the_documented_shape():
     assert set(data["targets"]) == {"pdserve-1p1d", "vllm-2x"}
     assert set(data["targets"]["pdserve-1p1d"]["levels"][0]) == {"streams", "ttft_p50", "ttft_p90", "itl_p50",
                                                                  "itl_p90", "errors", "req_per_s"}
-    assert data["router"] == {"pdserve-1p1d": {"cpu_s_per_token": 0.0004, "loop_lag_p99_ms": 12.5}}
+    assert data["router"] == {"pdserve-1p1d": {"cpu_s_per_token": 0.0004, "loop_lag_p99_ms": 12.5,
+                                               "missed_scrapes": 0}}
     json.dumps(data, allow_nan=False)
 
 
@@ -247,10 +248,11 @@ def test_the_router_ttft_mean_is_over_the_requests_finished_between_two_scrapes(
 
 
 def test_router_loads_take_the_median_over_runs():
-    med = RouterLoad.median([RouterLoad(1.0, 10.0, 1.0, 1.0), RouterLoad(3.0, math.nan, 2.0, 2.0),
-                             RouterLoad(2.0, 30.0, 3.0, 3.0)])
-    assert (med.cpu_s_per_token, med.loop_lag_p99_ms) == (2.0, 20.0)
-    assert RouterLoad(math.nan, math.nan, 0, 0).to_json() == {"cpu_s_per_token": None, "loop_lag_p99_ms": None}
+    med = RouterLoad.median([RouterLoad(1.0, 10.0, 1.0, 1.0), RouterLoad(3.0, math.nan, 2.0, 2.0, 1),
+                             RouterLoad(2.0, 30.0, 3.0, 3.0, 2)])
+    assert (med.cpu_s_per_token, med.loop_lag_p99_ms, med.missed_scrapes) == (2.0, 20.0, 3)
+    assert RouterLoad(math.nan, math.nan, 0, 0).to_json() == {"cpu_s_per_token": None, "loop_lag_p99_ms": None,
+                                                              "missed_scrapes": 0}
 
 
 def test_cpu_time_is_interpolated_at_the_windows_ends_and_clamped_outside_the_samples():

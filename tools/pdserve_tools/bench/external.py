@@ -41,7 +41,7 @@ from typing import Any
 from pdserve.config import ServeConfig, load_config
 from pdserve_tools.bench import guidellm
 from pdserve_tools.bench.report import table, write_json
-from pdserve_tools.bench.router_probe import RouterLoad, RouterProbe, Window
+from pdserve_tools.bench.router_probe import SCRAPE_TIMEOUT_S, RouterLoad, RouterProbe, Window
 from pdserve_tools.stats import percentile
 
 # Each target: pdserve's serve-bench target of that shape, or (vLLM servers, cores each).
@@ -260,6 +260,8 @@ def progress_line(name: str, run: guidellm.LevelRun, level: Level, load: RouterL
         line += (f"; router {load.cpu_s_per_token * 1000:.2f} ms CPU/token, loop lag p99 "
                  f"{_cell(load.loop_lag_p99_ms, 1)} ms, its TTFT mean {_cell(load.router_ttft_mean_ms)} ms vs "
                  f"guidellm's {_cell(load.client_ttft_mean_ms)} ms")
+        if load.missed_scrapes:
+            line += f"; /metrics unanswered within {SCRAPE_TIMEOUT_S:.0f} s {load.missed_scrapes} times"
     return line
 
 

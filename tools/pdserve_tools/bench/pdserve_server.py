@@ -1,7 +1,8 @@
 """pdserve as a benchmark target: `pdserve serve` in a process of its own, as a user runs it.
 
 Contract. `pdserve_server(config, log)` writes `config` (a serve config as a dict, ports 0) to a file next to
-`log`, starts `python -m pdserve.cli serve --config FILE` in its own process group with its output in `log`, and
+`log`, starts `python -m pdserve.cli serve --config FILE` in its own process group (in the benchmark's session, as the
+vLLM peers: `peers.ServerProcess`) with its output in `log`, and
 yields the addresses it printed once it serves: `(grpc_target "HOST:PORT", http_base_url "http://HOST:PORT/v1",
 metrics_url "http://HOST:PORT/metrics")`. `pdserve_process` does the same and yields a `Served`: those addresses and
 the process id, which is the router's (`pdserve serve` runs the router in the process it starts as).
@@ -58,7 +59,7 @@ async def pdserve_process(config: dict[str, Any], log: Path) -> AsyncIterator[Se
     with log.open("wb") as out:
         process = subprocess.Popen([sys.executable, "-m", "pdserve.cli", "serve", "--config", str(config_file)],
                                    stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
+                                   process_group=0)  # the benchmark's session: see `ServerProcess`
     server = ServerProcess("pdserve", process, "", log, None)
     try:
         grpc_target, http_url, metrics_url = await _serving(process, log)

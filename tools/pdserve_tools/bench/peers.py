@@ -113,7 +113,12 @@ def start_failure(who: str, what: str, log: Path) -> PeerStartError:
 
 @dataclass
 class ServerProcess:
-    """One server: `process` leads its own process group (`start_new_session=True`); it answers on `url`."""
+    """One server: `process` leads its own process group; it answers on `url`.
+
+    The group stays in the benchmark's session (`process_group=0`, not a session of its own): the kernel's CPU
+    autogroups (`kernel.sched_autogroup_enabled`) share the cores between sessions, so a server in a session of its
+    own would get a session's share beside the load generator's, and two servers two shares, where pdserve, whose
+    processes all stay in one session, gets one."""
 
     name: str
     process: subprocess.Popen[bytes]
@@ -130,7 +135,7 @@ class ServerProcess:
         try:
             with log.open("wb") as out:
                 process = subprocess.Popen([*command, "--port", str(port)], stdin=subprocess.DEVNULL, stdout=out,
-                                           stderr=subprocess.STDOUT, env=env, start_new_session=True)
+                                           stderr=subprocess.STDOUT, env=env, process_group=0)
         except BaseException:
             reservation.close()
             raise

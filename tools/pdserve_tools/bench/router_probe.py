@@ -9,13 +9,16 @@ ends), the p99 of `pdserve_event_loop_lag_seconds` over the lag samples taken in
 scrape at or before its start subtracted from the first at or after its end, then Prometheus's
 `histogram_quantile` interpolation), and the router's own mean TTFT over the requests that finished in it
 (`pdserve_time_to_first_token_seconds`: arrival at the router to first token) beside the client's mean.
-Sampling costs the router one scrape per period. The parsing, the interpolation and the quantile are pure.
+Sampling costs the router one scrape per period. A scrape the router does not answer within `SCRAPE_TIMEOUT_S`
+is skipped and counted (`RouterLoad.missed_scrapes`): the figures then come from the samples around it. The
+parsing, the interpolation and the quantile are pure.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import math
 import os
@@ -29,6 +32,7 @@ LOOP_LAG = "pdserve_event_loop_lag_seconds"
 TTFT = "pdserve_time_to_first_token_seconds"
 _UTIME_FIELD = 11  # utime, then stime, counted from the field after the command name in /proc/PID/stat
 PERIOD_S = 1.0
+SCRAPE_TIMEOUT_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,10 +58,12 @@ class RouterLoad:
     loop_lag_p99_ms: float
     router_ttft_mean_ms: float  # NaN: no request finished in the stretch
     client_ttft_mean_ms: float
+    missed_scrapes: int = 0  # the router's /metrics unanswered while sampling this stretch (`median`: the sum)
 
     def to_json(self) -> dict[str, float | None]:
-        return {k: None if math.isnan(v) else v for k, v in (("cpu_s_per_token", self.cpu_s_per_token),
-                                                             ("loop_lag_p99_ms", self.loop_lag_p99_ms))}
+        figures = {k: None if math.isnan(v) else v for k, v in (("cpu_s_per_token", self.cpu_s_per_token),
+                                                                ("loop_lag_p99_ms", self.loop_lag_p99_ms))}
+        return {**figures, "missed_scrapes": self.missed_scrapes}
 
     @staticmethod
     def median(loads: Sequence[RouterLoad]) -> RouterLoad:
@@ -66,7 +72,8 @@ class RouterLoad:
             return percentile((v for v in values if not math.isnan(v)), 50)
 
         return RouterLoad(med([x.cpu_s_per_token for x in loads]), med([x.loop_lag_p99_ms for x in loads]),
-                          med([x.router_ttft_mean_ms for x in loads]), med([x.client_ttft_mean_ms for x in loads]))
+                          med([x.router_ttft_mean_ms for x in loads]), med([x.client_ttft_mean_ms for x in loads]),
+                          sum(x.missed_scrapes for x in loads))
 
 
 # ---- pure ----------------------------------------------------------------------------------------------------
@@ -159,10 +166,10 @@ def read_cpu_seconds(pid: int) -> float:
         return cpu_seconds(f.read(), os.sysconf("SC_CLK_TCK"))
 
 
-async def scrape(url: str) -> str:
+async def scrape(url: str, timeout_s: float = 30.0) -> str:
     import aiohttp
 
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30.0)) as http, http.get(url) as reply:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as http, http.get(url) as reply:
         reply.raise_for_status()
         return await reply.text()
 
@@ -174,6 +181,7 @@ class RouterProbe:
         self._pid = pid
         self._url = metrics_url
         self._samples: list[Sample] = []
+        self._missed = 0
         self._task: asyncio.Task[None] | None = None
 
     @classmethod
@@ -191,7 +199,7 @@ class RouterProbe:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         await self._sample()
-        return load_over(self._samples, window)
+        return dataclasses.replace(load_over(self._samples, window), missed_scrapes=self._missed)
 
     async def _run(self) -> None:
         while True:
@@ -199,5 +207,13 @@ class RouterProbe:
             await self._sample()
 
     async def _sample(self) -> None:
-        metrics = await scrape(self._url)
+        import aiohttp
+
+        try:
+            metrics = await scrape(self._url, SCRAPE_TIMEOUT_S)
+        except (TimeoutError, aiohttp.ClientError):
+            if not self._samples:
+                raise  # no sample to measure from
+            self._missed += 1
+            return
         self._samples.append(Sample(time.time(), read_cpu_seconds(self._pid), metrics))
