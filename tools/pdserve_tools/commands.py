@@ -8,6 +8,7 @@ from typing import Any
 
 from pdserve_tools.bench.external import add_parser as add_external
 from pdserve_tools.bench.overload import add_parser as add_overload
+from pdserve_tools.bench.prefill import add_parser as add_prefill
 from pdserve_tools.bench.serve import add_parser
 from pdserve_tools.chaos_command import add_parser as add_chaos
 from pdserve_tools.predictor.commands import add_parsers as add_predictor
@@ -48,6 +49,12 @@ def _bench_serve(args: argparse.Namespace) -> int:
 
 def _bench_overload(args: argparse.Namespace) -> int:
     from pdserve_tools.bench.overload import main
+
+    return main(args)
+
+
+def _bench_prefill(args: argparse.Namespace) -> int:
+    from pdserve_tools.bench.prefill import main
 
     return main(args)
 
@@ -146,5 +153,6 @@ def add_commands(sub: Any) -> None:
     add_parser(bsub, _bench_serve)
     add_overload(bsub, _bench_overload)
     add_external(bsub, _bench_external)
+    add_prefill(bsub, _bench_prefill)
     add_chaos(sub, _chaos)
     add_predictor(sub, _predictor_label, _predictor_train, _predictor_eval)
