@@ -34,6 +34,7 @@ from pdserve_tools.bench.router_probe import (
     load_over,
     mean_between,
     sum_count,
+    sum_count_by,
 )
 
 FIXTURE = Path(__file__).parent / "fixtures" / "guidellm_report.json"
@@ -191,14 +192,22 @@ def test_level_rows_carry_each_targets_ratios_to_the_reference():
 
 
 def test_the_json_has_exactly_the_documented_shape():
-    load = RouterLoad(0.0004, 12.5, 900.0, 950.0)
-    data = to_json({"pdserve-1p1d": Result([_level(1), _level(16)], load), "vllm-2x": Result([_level(1)], None)})
+    light = RouterLoad(0.002, 5.0, 1100.0, 1105.0, engine_step_ms={"decode": 60.0, "prefill": 1050.0})
+    heavy = RouterLoad(0.0004, 12.5, 900.0, math.nan, 1)
+    data = to_json({"pdserve-1p1d": Result([_level(1), _level(16)], {16: heavy, 1: light}),
+                    "vllm-2x": Result([_level(1)], {})})
     assert set(data) == {"targets", "router"}
     assert set(data["targets"]) == {"pdserve-1p1d", "vllm-2x"}
     assert set(data["targets"]["pdserve-1p1d"]["levels"][0]) == {"streams", "ttft_p50", "ttft_p90", "itl_p50",
                                                                  "itl_p90", "errors", "req_per_s"}
-    assert data["router"] == {"pdserve-1p1d": {"cpu_s_per_token": 0.0004, "loop_lag_p99_ms": 12.5,
-                                               "missed_scrapes": 0}}
+    heavy_json = {"cpu_s_per_token": 0.0004, "loop_lag_p99_ms": 12.5, "router_ttft_mean_ms": 900.0,
+                  "client_ttft_mean_ms": None, "missed_scrapes": 1, "engine_step_ms": {}}
+    light_json = {"cpu_s_per_token": 0.002, "loop_lag_p99_ms": 5.0, "router_ttft_mean_ms": 1100.0,
+                  "client_ttft_mean_ms": 1105.0, "missed_scrapes": 0,
+                  "engine_step_ms": {"decode": 60.0, "prefill": 1050.0}}
+    # the highest level on top, every level (by streams) under "levels"
+    assert data["router"] == {"pdserve-1p1d": {**heavy_json, "levels": [{"streams": 1, **light_json},
+                                                                        {"streams": 16, **heavy_json}]}}
     json.dumps(data, allow_nan=False)
 
 
@@ -217,7 +226,23 @@ pdserve_event_loop_lag_seconds_sum 1.0
 pdserve_time_to_first_token_seconds_bucket{{le="+Inf"}} {n}
 pdserve_time_to_first_token_seconds_count {n}
 pdserve_time_to_first_token_seconds_sum {s}
+# HELP pdserve_engine_step_seconds steps
+# TYPE pdserve_engine_step_seconds histogram
+pdserve_engine_step_seconds_bucket{{instance="prefill-0",role="prefill",le="+Inf"}} {p}
+pdserve_engine_step_seconds_count{{instance="prefill-0",role="prefill"}} {p}
+pdserve_engine_step_seconds_sum{{instance="prefill-0",role="prefill"}} {ps}
+pdserve_engine_step_seconds_bucket{{instance="decode-0",role="decode",le="+Inf"}} {d}
+pdserve_engine_step_seconds_count{{instance="decode-0",role="decode"}} {d}
+pdserve_engine_step_seconds_sum{{instance="decode-0",role="decode"}} {ds}
+pdserve_engine_step_seconds_bucket{{instance="decode-1",role="decode",le="+Inf"}} {d}
+pdserve_engine_step_seconds_count{{instance="decode-1",role="decode"}} {d}
+pdserve_engine_step_seconds_sum{{instance="decode-1",role="decode"}} {ds}
 """
+
+
+def _metrics(a: int = 0, b: int = 0, c: int = 0, n: int = 0, s: float = 0.0, p: int = 0, ps: float = 0.0,
+             d: int = 0, ds: float = 0.0) -> str:
+    return METRICS.format(a=a, b=b, c=c, n=n, s=s, p=p, ps=ps, d=d, ds=ds)
 
 
 def test_cpu_seconds_are_utime_plus_stime_even_with_a_strange_command_name():
@@ -226,8 +251,8 @@ def test_cpu_seconds_are_utime_plus_stime_even_with_a_strange_command_name():
 
 
 def test_the_lag_quantile_is_over_the_samples_between_two_scrapes():
-    before = buckets(METRICS.format(a=100, b=100, c=100, n=0, s=0), "pdserve_event_loop_lag_seconds")
-    after = buckets(METRICS.format(a=150, b=190, c=200, n=0, s=0), "pdserve_event_loop_lag_seconds")
+    before = buckets(_metrics(a=100, b=100, c=100), "pdserve_event_loop_lag_seconds")
+    after = buckets(_metrics(a=150, b=190, c=200), "pdserve_event_loop_lag_seconds")
     delta = bucket_delta(before, after)
     assert delta == [(0.001, 50), (0.01, 90), (0.1, 100), (math.inf, 100)]
     # rank 99 of 100 falls in (0.01, 0.1], 9 of its 10 samples in: 0.01 + 0.09 * 0.9
@@ -241,18 +266,26 @@ def test_the_quantile_of_nothing_is_nan_and_one_past_the_last_bound_is_that_boun
 
 
 def test_the_router_ttft_mean_is_over_the_requests_finished_between_two_scrapes():
-    before = sum_count(METRICS.format(a=0, b=0, c=0, n=2, s=1.0), "pdserve_time_to_first_token_seconds")
-    after = sum_count(METRICS.format(a=0, b=0, c=0, n=6, s=5.0), "pdserve_time_to_first_token_seconds")
+    before = sum_count(_metrics(n=2, s=1.0), "pdserve_time_to_first_token_seconds")
+    after = sum_count(_metrics(n=6, s=5.0), "pdserve_time_to_first_token_seconds")
     assert mean_between(before, after) == 1.0
     assert math.isnan(mean_between(after, after))
 
 
 def test_router_loads_take_the_median_over_runs():
-    med = RouterLoad.median([RouterLoad(1.0, 10.0, 1.0, 1.0), RouterLoad(3.0, math.nan, 2.0, 2.0, 1),
-                             RouterLoad(2.0, 30.0, 3.0, 3.0, 2)])
+    med = RouterLoad.median([RouterLoad(1.0, 10.0, 1.0, 1.0, engine_step_ms={"decode": 50.0}),
+                             RouterLoad(3.0, math.nan, 2.0, 2.0, 1, {"decode": 70.0, "prefill": 900.0}),
+                             RouterLoad(2.0, 30.0, 3.0, 3.0, 2, {"decode": 60.0})])
     assert (med.cpu_s_per_token, med.loop_lag_p99_ms, med.missed_scrapes) == (2.0, 20.0, 3)
-    assert RouterLoad(math.nan, math.nan, 0, 0).to_json() == {"cpu_s_per_token": None, "loop_lag_p99_ms": None,
-                                                              "missed_scrapes": 0}
+    assert med.engine_step_ms == {"decode": 60.0, "prefill": 900.0}  # a role's median over the runs it stepped in
+    assert RouterLoad(math.nan, math.nan, 0, 0).to_json()["loop_lag_p99_ms"] is None
+
+
+def test_step_sums_and_counts_add_up_over_the_instances_of_a_role():
+    text = _metrics(p=2, ps=2.0, d=10, ds=0.6)
+    assert sum_count_by(text, "pdserve_engine_step_seconds", "role") == {"prefill": (2.0, 2), "decode": (1.2, 20)}
+    assert sum_count_by(text, "pdserve_engine_step_seconds", None) == {"": (3.2, 22)}
+    assert sum_count(text, "pdserve_no_such_histogram") == (0.0, 0.0)
 
 
 def test_cpu_time_is_interpolated_at_the_windows_ends_and_clamped_outside_the_samples():
@@ -269,10 +302,12 @@ def test_the_scrapes_around_a_window_are_the_last_before_and_the_first_after():
 
 
 def test_the_load_over_a_window_takes_cpu_per_streamed_token_lag_and_both_ttft_means():
-    first = METRICS.format(a=100, b=100, c=100, n=2, s=1.0)
-    last = METRICS.format(a=150, b=190, c=200, n=6, s=5.0)
+    first = _metrics(a=100, b=100, c=100, n=2, s=1.0, p=1, ps=1.0, d=5, ds=0.25)
+    last = _metrics(a=150, b=190, c=200, n=6, s=5.0, p=2, ps=2.1, d=15, ds=0.85)
     samples = [Sample(0.0, 10.0, first), Sample(10.0, 12.0, last), Sample(20.0, 20.0, last)]
     load = load_over(samples, Window(start=0.0, end=10.0, tokens=400, client_ttfts_ms=(1200.0, 1400.0)))
     assert load.cpu_s_per_token == pytest.approx(2.0 / 400)
     assert load.loop_lag_p99_ms == pytest.approx(91.0)
     assert (load.router_ttft_mean_ms, load.client_ttft_mean_ms) == (1000.0, 1300.0)
+    # 1 prefill step of 1.1 s; 20 decode steps (10 on each of two instances) of 1.2 s together
+    assert load.engine_step_ms == pytest.approx({"decode": 60.0, "prefill": 1100.0})

@@ -11,14 +11,16 @@ of guidellm's per-request figures, `pdserve_tools.stats.percentile`, over every 
 `guidellm.parse_report`), errored requests, and successful requests per second. For pdserve targets the router is
 sampled through every level (`router_probe`) and measured over guidellm's measurement window: its process's CPU
 time (utime + stime from /proc; `pdserve serve` runs the router in the process it starts as) per token streamed to
-guidellm, the p99 of its event-loop lag histogram (`pdserve_event_loop_lag_seconds`), and its own mean TTFT
-(`pdserve_time_to_first_token_seconds`) beside guidellm's over the same requests (the successful ones); the JSON
-keeps the first two at the highest level.
+guidellm, the p99 of its event-loop lag histogram (`pdserve_event_loop_lag_seconds`), its own mean TTFT
+(`pdserve_time_to_first_token_seconds`) beside guidellm's over the same requests (the successful ones), and the
+mean engine step per worker role (`pdserve_engine_step_seconds`); the JSON keeps them per level (the median over
+the runs), with the highest level's on top.
 
 Output: a progress line per level; a table per level with each target's ratios to `REFERENCE` (vllm-2x); the JSON
 file `{"targets": {name: {"levels": [{streams, ttft_p50, ttft_p90, itl_p50, itl_p90, errors, req_per_s}]}},
-"router": {name: {cpu_s_per_token, loop_lag_p99_ms}}}`, rewritten after each target. guidellm's own reports and
-logs, and the servers' logs, stay under `--logs`.
+"router": {name: {cpu_s_per_token, loop_lag_p99_ms, router_ttft_mean_ms, client_ttft_mean_ms, missed_scrapes,
+engine_step_ms: {role: ms}, "levels": [{streams, ...the same}]}}}`, rewritten after each target. guidellm's own
+reports and logs, and the servers' logs, stay under `--logs`.
 
     pdserve bench external --seconds 30 --runs 1 [--targets pdserve-1p1d vllm-2x] [--streams 1 4 16]
 """
@@ -84,7 +86,13 @@ class Level:
 @dataclass
 class TargetResult:
     levels: list[Level]
-    router: RouterLoad | None  # pdserve targets: at the highest level
+    router: dict[int, RouterLoad]  # pdserve targets: streams -> the router's load at that level (median over runs)
+
+    def router_json(self) -> dict[str, Any]:
+        """The router's figures at the highest level, and at every level under "levels"."""
+        top = self.router[max(self.router)]
+        return {**top.to_json(), "levels": [{"streams": streams, **load.to_json()}
+                                            for streams, load in sorted(self.router.items())]}
 
 
 @dataclass(frozen=True)
@@ -152,7 +160,7 @@ def level_rows(at_level: dict[str, Level], reference: str) -> list[list[object]]
 def to_json(results: dict[str, TargetResult]) -> dict[str, Any]:
     return {
         "targets": {name: {"levels": [lv.to_json() for lv in r.levels]} for name, r in results.items()},
-        "router": {name: r.router.to_json() for name, r in results.items() if r.router is not None},
+        "router": {name: r.router_json() for name, r in results.items() if r.router},
     }
 
 
@@ -162,7 +170,7 @@ def print_report(results: dict[str, TargetResult], streams: Sequence[int]) -> No
         at_level = {name: lv for name, r in results.items() for lv in r.levels if lv.streams == level}
         print(f"\n== {level} stream{'s' if level > 1 else ''} (x: ratio to {reference}) ==")
         print(table(LEVEL_HEADERS, level_rows(at_level, reference)))
-    routers = {name: r.router for name, r in results.items() if r.router is not None}
+    routers = {name: r.router[max(r.router)] for name, r in results.items() if r.router}
     if routers:
         print(f"\n== pdserve router at {max(streams)} streams ==")
         print(table(["target", "CPU s per token", "event-loop lag p99 ms"],
@@ -260,6 +268,8 @@ def progress_line(name: str, run: guidellm.LevelRun, level: Level, load: RouterL
         line += (f"; router {load.cpu_s_per_token * 1000:.2f} ms CPU/token, loop lag p99 "
                  f"{_cell(load.loop_lag_p99_ms, 1)} ms, its TTFT mean {_cell(load.router_ttft_mean_ms)} ms vs "
                  f"guidellm's {_cell(load.client_ttft_mean_ms)} ms")
+        if load.engine_step_ms:
+            line += ", engine step mean " + ", ".join(f"{role} {ms:.1f} ms" for role, ms in load.engine_step_ms.items())
         if load.missed_scrapes:
             line += f"; /metrics unanswered within {SCRAPE_TIMEOUT_S:.0f} s {load.missed_scrapes} times"
     return line
@@ -273,17 +283,17 @@ async def bench_target(name: str, plan: Plan, base: ServeConfig, model: str | No
     async with serving(name, base, model, log_dir) as endpoint:
         await warm_up(endpoint, plan.workload)
         runs: list[list[Level]] = []
-        loads: list[RouterLoad] = []
+        loads: dict[int, list[RouterLoad]] = {}
         for r in range(plan.runs):
             levels: list[Level] = []
             for streams in plan.streams:
                 level, load = await run_level(endpoint, plan, streams, r)
                 levels.append(level)
-                if load is not None and streams == max(plan.streams):
-                    loads.append(load)
+                if load is not None:
+                    loads.setdefault(streams, []).append(load)
             runs.append(levels)
         print(f"[{name}] stopping", flush=True)
-    return TargetResult(median_levels(runs), RouterLoad.median(loads) if loads else None)
+    return TargetResult(median_levels(runs), {streams: RouterLoad.median(x) for streams, x in loads.items()})
 
 
 async def bench_all(plan: Plan, base: ServeConfig, model: str | None, out: Path) -> dict[str, TargetResult]:

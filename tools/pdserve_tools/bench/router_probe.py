@@ -7,8 +7,10 @@ and returns a `RouterLoad` over the window (wall-clock start and end, the tokens
 client's TTFTs of the requests that finished in it): CPU seconds per token (the CPU time interpolated at the two
 ends), the p99 of `pdserve_event_loop_lag_seconds` over the lag samples taken in it (bucket counts of the last
 scrape at or before its start subtracted from the first at or after its end, then Prometheus's
-`histogram_quantile` interpolation), and the router's own mean TTFT over the requests that finished in it
-(`pdserve_time_to_first_token_seconds`: arrival at the router to first token) beside the client's mean.
+`histogram_quantile` interpolation), the router's own mean TTFT over the requests that finished in it
+(`pdserve_time_to_first_token_seconds`: arrival at the router to first token) beside the client's mean, and the
+mean engine step per worker role (`pdserve_engine_step_seconds`, every instance of the role together), which tells
+an engine that ran slower apart from time lost between the engine and the client.
 Sampling costs the router one scrape per period. A scrape the router does not answer within `SCRAPE_TIMEOUT_S`
 is skipped and counted (`RouterLoad.missed_scrapes`): the figures then come from the samples around it. The
 parsing, the interpolation and the quantile are pure.
@@ -25,11 +27,13 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from pdserve_tools.stats import percentile
 
 LOOP_LAG = "pdserve_event_loop_lag_seconds"
 TTFT = "pdserve_time_to_first_token_seconds"
+ENGINE_STEP = "pdserve_engine_step_seconds"
 _UTIME_FIELD = 11  # utime, then stime, counted from the field after the command name in /proc/PID/stat
 PERIOD_S = 1.0
 SCRAPE_TIMEOUT_S = 5.0
@@ -59,11 +63,13 @@ class RouterLoad:
     router_ttft_mean_ms: float  # NaN: no request finished in the stretch
     client_ttft_mean_ms: float
     missed_scrapes: int = 0  # the router's /metrics unanswered while sampling this stretch (`median`: the sum)
+    engine_step_ms: dict[str, float] = dataclasses.field(default_factory=dict)  # role -> mean step; roles that stepped
 
-    def to_json(self) -> dict[str, float | None]:
-        figures = {k: None if math.isnan(v) else v for k, v in (("cpu_s_per_token", self.cpu_s_per_token),
-                                                                ("loop_lag_p99_ms", self.loop_lag_p99_ms))}
-        return {**figures, "missed_scrapes": self.missed_scrapes}
+    def to_json(self) -> dict[str, Any]:
+        figures = {k: None if math.isnan(v) else v for k, v in (
+            ("cpu_s_per_token", self.cpu_s_per_token), ("loop_lag_p99_ms", self.loop_lag_p99_ms),
+            ("router_ttft_mean_ms", self.router_ttft_mean_ms), ("client_ttft_mean_ms", self.client_ttft_mean_ms))}
+        return {**figures, "missed_scrapes": self.missed_scrapes, "engine_step_ms": dict(self.engine_step_ms)}
 
     @staticmethod
     def median(loads: Sequence[RouterLoad]) -> RouterLoad:
@@ -71,9 +77,12 @@ class RouterLoad:
         def med(values: list[float]) -> float:
             return percentile((v for v in values if not math.isnan(v)), 50)
 
+        roles = sorted({role for x in loads for role in x.engine_step_ms})
         return RouterLoad(med([x.cpu_s_per_token for x in loads]), med([x.loop_lag_p99_ms for x in loads]),
                           med([x.router_ttft_mean_ms for x in loads]), med([x.client_ttft_mean_ms for x in loads]),
-                          sum(x.missed_scrapes for x in loads))
+                          sum(x.missed_scrapes for x in loads),
+                          {role: med([x.engine_step_ms[role] for x in loads if role in x.engine_step_ms])
+                           for role in roles})
 
 
 # ---- pure ----------------------------------------------------------------------------------------------------
@@ -95,11 +104,24 @@ def buckets(text: str, name: str) -> list[tuple[float, float]]:
 
 
 def sum_count(text: str, name: str) -> tuple[float, float]:
-    """A histogram's `_sum` and `_count` from Prometheus text ((0, 0) when it is absent)."""
+    """A histogram's `_sum` and `_count` from Prometheus text, over all its series ((0, 0) when it is absent)."""
+    return sum_count_by(text, name, None).get("", (0.0, 0.0))
+
+
+def sum_count_by(text: str, name: str, label: str | None) -> dict[str, tuple[float, float]]:
+    """A histogram's `_sum` and `_count` added up over the series that share each value of `label` (None: over all
+    series, under the key "")."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    values = {s.name: s.value for f in text_string_to_metric_families(text) if f.name == name for s in f.samples}
-    return values.get(f"{name}_sum", 0.0), values.get(f"{name}_count", 0.0)
+    sums: dict[str, float] = {}
+    counts: dict[str, float] = {}
+    for s in (s for f in text_string_to_metric_families(text) if f.name == name for s in f.samples):
+        key = "" if label is None else s.labels[label]
+        if s.name == f"{name}_sum":
+            sums[key] = sums.get(key, 0.0) + s.value
+        elif s.name == f"{name}_count":
+            counts[key] = counts.get(key, 0.0) + s.value
+    return {key: (sums.get(key, 0.0), counts.get(key, 0.0)) for key in sums.keys() | counts.keys()}
 
 
 def bucket_delta(before: list[tuple[float, float]], after: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -148,8 +170,12 @@ def load_over(samples: Sequence[Sample], window: Window) -> RouterLoad:
     lag = bucket_delta(buckets(before.metrics, LOOP_LAG), buckets(after.metrics, LOOP_LAG))
     router_ttft = mean_between(sum_count(before.metrics, TTFT), sum_count(after.metrics, TTFT))
     ttfts = window.client_ttfts_ms
+    steps_before = sum_count_by(before.metrics, ENGINE_STEP, "role")
+    steps = {role: mean_between(steps_before.get(role, (0.0, 0.0)), after_role) * 1000
+             for role, after_role in sum_count_by(after.metrics, ENGINE_STEP, "role").items()}
     return RouterLoad(cpu_s / window.tokens if window.tokens else math.nan, histogram_quantile(0.99, lag) * 1000,
-                      router_ttft * 1000, sum(ttfts) / len(ttfts) if ttfts else math.nan)
+                      router_ttft * 1000, sum(ttfts) / len(ttfts) if ttfts else math.nan,
+                      engine_step_ms={role: ms for role, ms in sorted(steps.items()) if not math.isnan(ms)})
 
 
 def mean_between(before: tuple[float, float], after: tuple[float, float]) -> float:
