@@ -64,6 +64,11 @@ class RouterConfig:
     metrics_port: int = 9400  # Prometheus /metrics over HTTP
     policy: str = "least_outstanding"  # places whole requests (colocated) and decodes (disaggregated)
     prefill_policy: str = "least_outstanding"  # places prefills (disaggregated)
+    # Disaggregated: "always" prefills every prompt of transfer.min_prompt_tokens or more on a prefill instance;
+    # "sooner" runs a request whole on its decode instance when that instance has fewer prompt tokens queued than
+    # every prefill instance, keeping the TPOT of the requests decoding there within tpot_slo_ms.
+    split_policy: str = "always"  # disaggregated: "always" or "sooner" (whole on the decode instance when sooner)
+    tpot_slo_ms: float | None = None  # the TPOT objective "sooner" keeps; None: unchecked
     # A head file from `pdserve predictor train`: each request's output length is predicted from its prompt, for
     # length-aware policies and the prediction-error metrics. None: every request is taken to run to max_tokens.
     predictor: str | None = None
@@ -117,6 +122,12 @@ class RouterConfig:
             raise ValueError(f"router.policy must be one of {decode}, got {self.policy!r}")
         if self.prefill_policy not in (prefill := policy_names(Role.PREFILL)):
             raise ValueError(f"router.prefill_policy must be one of {prefill}, got {self.prefill_policy!r}")
+        from router.placement.split import SPLIT_POLICIES
+
+        if self.split_policy not in SPLIT_POLICIES:
+            raise ValueError(f"router.split_policy must be one of {list(SPLIT_POLICIES)}, got {self.split_policy!r}")
+        if self.tpot_slo_ms is not None and not self.tpot_slo_ms > 0:
+            raise ValueError(f"router.tpot_slo_ms must be > 0 ms (or null: unchecked), got {self.tpot_slo_ms}")
         if self.predictor is not None and not Path(self.predictor).is_file():
             raise ValueError(f"router.predictor: no head file at {self.predictor!r}; train one with "
                              "`pdserve predictor train`, or leave it null")

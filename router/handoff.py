@@ -29,6 +29,7 @@ from router.cleanups import Cleanups
 from router.delta import Delta
 from router.kv_fallback import decode_kv_params, failure_reason
 from router.placement import Placement, Policy
+from router.placement.split import PrefillPace, Resident, SplitView, runs_whole
 from router.receive_budget import ReceiveBudget, TooLarge
 from router.registry import Instance, Registry
 from router.run import Run
@@ -37,14 +38,17 @@ from router.stream import Receive, Streams, awaited
 
 @dataclass(frozen=True)
 class Handoff:
-    """Disaggregated serving: how long a transfer may take, which prompts skip it, the receive budget, and the
-    policy that places prefills (its own object: a policy may keep state, such as a round-robin turn)."""
+    """Disaggregated serving: how long a transfer may take, which prompts skip it, the receive budget, the policy
+    that places prefills (its own object: a policy may keep state, such as a round-robin turn), and which legs run
+    whole on their decode instance although a prefill instance could take them (`split_policy`)."""
 
     deadline_s: float
     min_prompt_tokens: int
     budget: ReceiveBudget
     prefill_policy: Policy
     layerwise: bool = True
+    split_policy: str = "always"  # `router.placement.split`: "always", or "sooner" (whole when that is sooner)
+    tpot_slo_s: float | None = None  # "sooner" keeps the decode instance's residents within it; None: unchecked
 
 
 class Disaggregated:
@@ -53,11 +57,26 @@ class Disaggregated:
         self.registry = registry
         self.streams = streams
         self.cleanups = cleanups
+        self.pace = PrefillPace()  # of the prefills this router saw finish
 
     def applies(self, run: Run) -> bool:
-        """Whether the run's next leg hands off: its context is long enough and some prefill instance is there
+        """Whether the run's next leg may hand off: its context is long enough and some prefill instance is there
         (else it runs whole on its decode instance)."""
         return len(run.context) >= self.handoff.min_prompt_tokens and bool(self.registry.placeable(Role.PREFILL))
+
+    def runs_whole(self, run: Run, decode: Instance) -> bool:
+        """Whether a leg that may hand off runs whole on `decode` instead (`router.placement.split`)."""
+        if self.handoff.split_policy != "sooner":
+            return False
+        prefills = self.registry.placeable(Role.PREFILL)
+        if not prefills:
+            return True
+        now = time.monotonic()
+        residents = [Resident(h.generated, h.generated + h.load().remaining_p90, now - h.first_token_at)
+                     for h in decode.held.values() if h is not run.held and h.first_token_at is not None]
+        view = SplitView(len(run.context), min(p.queued_prefill_tokens for p in prefills),
+                         decode.queued_prefill_tokens, residents)
+        return runs_whole(view, self.pace.seconds_per_token, self.handoff.tpot_slo_s)
 
     async def leg(self, run: Run, decode: Instance) -> AsyncIterator[Delta]:
         """The run's next leg, prefilled elsewhere and decoded on `decode` (see the module docstring)."""
@@ -131,6 +150,7 @@ class Disaggregated:
         try:
             result = await awaited(call, run.request.deadline, prefill)  # a cancelled await cancels the call
             done = True
+            self.pace.observe(n, result.compute)
         finally:
             prefill.outstanding -= 1
             prefill.queued_prefill_tokens -= n

@@ -71,9 +71,13 @@ class Legs:
         role = self._role()
         handoff = d is not None and role == Role.DECODE and d.applies(run)
         # Colocated mode, short prompts, every prefill instance lost, or every decode instance lost: the request
-        # runs whole on one instance.
+        # runs whole on one instance; so does a leg its decode instance serves sooner (`router.split_policy`).
         instance = await self.hold.place(role, run)
         try:
+            if handoff and d is not None and d.runs_whole(run, instance):
+                handoff = False
+            if d is not None and role == Role.DECODE:
+                self.metrics.legs.labels("split" if handoff else "whole").inc()
             if handoff:
                 assert d is not None
                 deltas = d.leg(run, instance)

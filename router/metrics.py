@@ -64,6 +64,9 @@ class RouterMetrics:
         self.loop_lag = Histogram("pdserve_event_loop_lag_seconds", "How late the router's event loop woke a "
                                   "timer (sampled every 0.1 s): what every stream it serves waited extra",
                                   buckets=LAG_BUCKETS, registry=r)
+        self.legs = Counter("pdserve_legs", "Legs placed on decode instances, by path: split (prefilled on a "
+                            "prefill instance) or whole (prefilled on the decode instance itself)", ["path"],
+                            registry=r)
         self.resumed = Counter("pdserve_requests_resumed", "Times a request moved to another instance after its "
                                "worker was lost", registry=r)
         self.running = Gauge("pdserve_requests_running", "Requests placed on an instance and not ended",

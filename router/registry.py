@@ -25,13 +25,14 @@ from router.predictor.prediction import LengthPrediction, remaining
 
 @dataclass(slots=True)
 class Held:
-    """A request on an instance: `context_tokens` of KV when its leg began, `generated` since, at most
-    `max_tokens` in the leg, and the leg's predicted output."""
+    """A request on an instance: `context_tokens` of KV when its leg began, `generated` since (the first of them
+    at `first_token_at`), at most `max_tokens` in the leg, and the leg's predicted output."""
 
     context_tokens: int
     max_tokens: int
     prediction: LengthPrediction
     generated: int = 0
+    first_token_at: float | None = None  # time.monotonic() of the leg's first token; None: none yet
 
     def load(self, pad: int = 0) -> RequestLoad:
         """Its load now, counting `pad` more KV tokens than it has (the unused end of its last block)."""

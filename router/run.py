@@ -9,6 +9,7 @@ which is also its KV transfer's id. The leg's `Placement` carries the block hash
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -62,6 +63,8 @@ class Run:
         self.produced += len(token_ids)
         self.generated += token_ids
         if self.held is not None:
+            if self.held.first_token_at is None and token_ids:
+                self.held.first_token_at = time.monotonic()
             self.held.generated += len(token_ids)
 
     def rest(self) -> SamplingSpec:

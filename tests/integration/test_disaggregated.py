@@ -10,6 +10,7 @@ receive buffers).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 import time
 
@@ -82,6 +83,43 @@ def test_one_token_requests_end_at_the_prefill(disagg, reference):
     assert done.token_ids == reference.single[3][0][:1]
     assert done.final.finish_reason == "length"
     assert_nothing_held(disagg)
+
+
+def test_split_policy_sooner_runs_a_leg_whole_where_the_decode_instance_is_sooner(disagg, reference):
+    """`router.split_policy: sooner`: with prompt tokens queued on every prefill instance and none on the decode
+    instances, a request runs whole on its decode instance, with plain vLLM's tokens; with the prefill pool idle,
+    it is split as before."""
+    d = disagg.router.legs.disaggregated
+    prefills = [i for i in disagg.router.registry.all() if i.role == "prefill"]
+    registry = disagg.router.metrics.registry
+
+    def legs() -> tuple[float, float]:
+        def count(path: str) -> float:
+            return registry.get_sample_value("pdserve_legs_total", {"path": path}) or 0.0
+
+        return count("whole"), count("split")
+
+    async def set_split(policy: str, queued: int) -> None:  # on the router's loop, which owns this state
+        d.handoff = dataclasses.replace(d.handoff, split_policy=policy)
+        for p in prefills:
+            p.queued_prefill_tokens += queued
+
+    index = 5  # long enough to be disaggregated in every layout
+    whole, split = legs()
+    disagg.loop.run(set_split("sooner", 10_000))
+    try:
+        busy = complete_greedy(disagg.target, index)
+    finally:
+        disagg.loop.run(set_split("sooner", -10_000))
+    try:
+        idle = complete_greedy(disagg.target, index)
+    finally:
+        disagg.loop.run(set_split("always", 0))
+    for done in (busy, idle):
+        assert (done.token_ids, done.final.finish_reason) == reference.single[index]
+    assert busy.final.prefill_instance == busy.final.decode_instance
+    assert idle.final.prefill_instance.startswith("prefill-")
+    assert legs() == (whole + 1, split + 1)
 
 
 def test_vllm_cpu_is_batch_invariant_here(reference):

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import math
 import sys
 import time
@@ -317,6 +318,7 @@ def make_plan(args: argparse.Namespace, requests: list[BenchRequest], warmup: li
 
 def main(args: argparse.Namespace) -> int:
     base = load_config(args.config)
+    base = dataclasses.replace(base, router=dataclasses.replace(base.router, tpot_slo_ms=args.slo_tpot_ms))
     logs = Path(args.out).parent / f"{Path(args.out).stem}-logs"
     specs = [TargetSpec(name, base, args.model, args.client, logs, args.in_process) for name in args.targets]
     engine = specs[0].engine

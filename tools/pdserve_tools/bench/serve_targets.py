@@ -11,6 +11,9 @@ generator shares no event loop or GIL with the router; `in_process=True` deploys
 
 Targets (the same cores, one after another):
 - `pdserve-disagg`: pdserve 1P1D (one prefill and one decode instance, one core each).
+- `pdserve-sooner`: pdserve 1P1D with `router.split_policy: sooner` (a request runs whole on the decode instance
+  when that is sooner), keeping the TPOT objective of the base config's `router.tpot_slo_ms` (`bench serve` sets it
+  to its own `--slo-tpot-ms`).
 - `pdserve-colocated`: pdserve with two colocated instances (one core each), the same router.
 - `pdserve-1p2d`: pdserve 1P2D, decodes placed by `least_outstanding` (three engines on the cores, wrapping).
 - `pdserve-1p2d-projected`: the same with decodes placed by `projected_kv` (length-aware; the base config's
@@ -40,13 +43,16 @@ from pdserve_tools.bench.serve_metrics import RequestTrace
 from pdserve_tools.bench.workload import BenchRequest
 
 ONE_P_TWO_D = {"mode": "disaggregated", "prefill": {"instances": 1}, "decode": {"instances": 2}}
+ONE_P_ONE_D = {"mode": "disaggregated", "prefill": {"instances": 1}, "decode": {"instances": 1}}
 PDSERVE_TARGETS: dict[str, dict[str, Any]] = {
-    "pdserve-disagg": {"mode": "disaggregated", "prefill": {"instances": 1}, "decode": {"instances": 1}},
+    "pdserve-disagg": ONE_P_ONE_D,
+    "pdserve-sooner": ONE_P_ONE_D,
     "pdserve-colocated": {"mode": "colocated", "colocated": {"instances": 2}},
     "pdserve-1p2d": ONE_P_TWO_D,
     "pdserve-1p2d-projected": ONE_P_TWO_D,
 }
 DECODE_POLICY = {"pdserve-1p2d": "least_outstanding", "pdserve-1p2d-projected": "projected_kv"}  # else the base's
+SPLIT_POLICY = {"pdserve-sooner": "sooner"}  # else "always"
 PEER_TARGETS: dict[str, int] = {"vllm": 1, "vllm-2x": 2, "vllm-disagg": 2}  # vLLM servers, one core each
 TARGETS = [*PDSERVE_TARGETS, *PEER_TARGETS]
 CLIENTS = ("openai", "grpc")
@@ -112,7 +118,8 @@ def target_data(base: ServeConfig, name: str, model: str | None) -> dict[str, ob
         "workers": PDSERVE_TARGETS[name],
         "transfer": dataclasses.asdict(base.transfer),
         "router": {"port": 0, "http_port": 0, "metrics_port": 0, "max_tokens_limit": r.max_tokens_limit,
-                   "policy": DECODE_POLICY.get(name, r.policy), "predictor": r.predictor, "hold_queue": r.hold_queue},
+                   "policy": DECODE_POLICY.get(name, r.policy), "predictor": r.predictor, "hold_queue": r.hold_queue,
+                   "split_policy": SPLIT_POLICY.get(name, "always"), "tpot_slo_ms": r.tpot_slo_ms},
     }
 
 
