@@ -165,7 +165,7 @@ def test_engine_step_times_of_a_run_come_from_the_routers_metrics_before_and_aft
 
     from common.histogram import Tally
     from common.results import EngineInfo, EngineStats
-    from pdserve_tools.bench.serve_engines import EngineCounters, step_times
+    from pdserve_tools.bench.serve_engines import EngineCounters, legs, step_times
     from router.metrics import RouterMetrics
     from router.registry import Instance
     from worker.steps import STEP_BUCKETS
@@ -179,7 +179,10 @@ def test_engine_step_times_of_a_run_come_from_the_routers_metrics_before_and_aft
     p_steps.observe(0.3)  # before the run
     prefill.stats = EngineStats(preemptions=1, step_time=p_steps.histogram())
     decode.stats = EngineStats(step_time=d_steps.histogram())
+    metrics.legs.labels("split").inc(5)  # before the run
     before = EngineCounters.parse(generate_latest(metrics.registry).decode())
+    metrics.legs.labels("split").inc(3)
+    metrics.legs.labels("whole").inc(2)
     for seconds in (0.6, 0.7, 0.8, 0.9):  # the run's prefills: all in the (0.5, 1] bucket
         p_steps.observe(seconds)
     for _ in range(99):
@@ -189,6 +192,7 @@ def test_engine_step_times_of_a_run_come_from_the_routers_metrics_before_and_aft
     decode.stats = EngineStats(step_time=d_steps.histogram())
     after = EngineCounters.parse(generate_latest(metrics.registry).decode())
     assert after.preemptions - before.preemptions == 2
+    assert legs(before, after) == {"split": 3, "whole": 2}
     steps = step_times(before, after)
     assert list(steps) == ["decode-0", "prefill-0"]
     assert steps["prefill-0"]["role"] == "prefill" and steps["prefill-0"]["steps"] == 4

@@ -39,7 +39,7 @@ from tqdm import tqdm
 from pdserve.config import load_config
 from pdserve_tools.bench.report import table, write_json
 from pdserve_tools.bench.serve_data import add_dataset_arguments, build_requests, describe, warmup_requests
-from pdserve_tools.bench.serve_engines import step_times
+from pdserve_tools.bench.serve_engines import legs, step_times
 from pdserve_tools.bench.serve_metrics import (
     RequestTrace,
     SearchConfig,
@@ -77,6 +77,7 @@ class Run:
     metrics: ServeMetrics
     preemptions: int | None = None  # the target's engines' preemptions during the run (pdserve targets)
     engine_steps: dict[str, dict[str, Any]] | None = None  # per instance, its engine's steps in the run (pdserve)
+    legs: dict[str, int] | None = None  # legs on decode instances in the run, by path: split or whole (pdserve)
 
 
 @dataclass
@@ -156,6 +157,7 @@ async def run_once(driver: Driver, plan: Plan, rate: float, label: str) -> Run:
         after = await engine_counters(driver)
         assert after is not None
         run.preemptions, run.engine_steps = after.preemptions - before.preemptions, step_times(before, after)
+        run.legs = legs(before, after)
     return run
 
 
@@ -268,7 +270,7 @@ def samples_json(traces: Sequence[RequestTrace]) -> dict[str, list[Any]]:
 
 def _run_json(run: Run) -> dict[str, Any]:
     return {"rate_rps": rate_key(run.rate), **run.metrics.to_json(), "preemptions": run.preemptions,
-            "engine_steps": run.engine_steps, **samples_json(run.traces)}
+            "engine_steps": run.engine_steps, "legs": run.legs, **samples_json(run.traces)}
 
 
 def to_json(args: argparse.Namespace, plan: Plan, results: dict[str, TargetResult]) -> dict[str, Any]:

@@ -1,12 +1,14 @@
 """What a pdserve target's engines did during one run of `pdserve bench serve`, read from its router's `/metrics`.
 
 Contract. `EngineCounters.parse(text)` keeps, from one scrape, the engines' preemptions so far
-(`pdserve_instance_preemptions_total`, summed) and each instance's cumulative `pdserve_engine_step_seconds`
-buckets, sum and count. `step_times(before, after)` gives per instance the steps taken between two scrapes:
-`{instance: {"role", "steps", "mean_ms", "p50_ms", "p99_ms"}}`. The mean is exact (sum over count); p50 and p99
-are Prometheus's `histogram_quantile` over the bucket deltas, so they are as fine as the engine's step buckets
-(`worker.steps.STEP_BUCKETS`: 1 ms to 10 s). An instance with no step in the run has None for all three. The
-counters are as of the router's last heartbeat from each instance. Pure: no I/O.
+(`pdserve_instance_preemptions_total`, summed), the router's legs on decode instances by path so far
+(`pdserve_legs_total{path}`: split or whole), and each instance's cumulative `pdserve_engine_step_seconds`
+buckets, sum and count. `legs(before, after)` gives the legs by path between two scrapes; `step_times(before,
+after)` gives per instance the steps taken between them: `{instance: {"role", "steps", "mean_ms", "p50_ms",
+"p99_ms"}}`. The mean is exact (sum over count); p50 and p99 are Prometheus's `histogram_quantile` over the
+bucket deltas, so they are as fine as the engine's step buckets (`worker.steps.STEP_BUCKETS`: 1 ms to 10 s). An
+instance with no step in the run has None for all three. The counters are as of the router's last heartbeat from
+each instance. Pure: no I/O.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 from pdserve_tools.bench.router_probe import bucket_delta, histogram_quantile
 
 PREEMPTIONS = "pdserve_instance_preemptions"
+LEGS = "pdserve_legs"
 STEPS = "pdserve_engine_step_seconds"
 
 
@@ -33,6 +36,7 @@ class StepHistogram:
 class EngineCounters:
     preemptions: int
     steps: dict[str, StepHistogram] = field(default_factory=dict)  # by instance
+    legs: dict[str, int] = field(default_factory=dict)  # by path
 
     @staticmethod
     def parse(text: str) -> EngineCounters:
@@ -42,9 +46,12 @@ class EngineCounters:
         buckets: dict[str, list[tuple[float, float]]] = {}
         sums: dict[str, dict[str, float]] = {}
         roles: dict[str, str] = {}
+        legs: dict[str, int] = {}
         for family in text_string_to_metric_families(text):
             if family.name == PREEMPTIONS:
                 preemptions += sum(s.value for s in family.samples if s.name == f"{PREEMPTIONS}_total")
+            elif family.name == LEGS:
+                legs.update({s.labels["path"]: int(s.value) for s in family.samples if s.name == f"{LEGS}_total"})
             elif family.name == STEPS:
                 for s in family.samples:
                     instance = s.labels["instance"]
@@ -55,7 +62,12 @@ class EngineCounters:
                         sums.setdefault(instance, {})[s.name] = s.value
         steps = {i: StepHistogram(roles[i], sorted(b), sums.get(i, {}).get(f"{STEPS}_sum", 0.0),
                                   sums.get(i, {}).get(f"{STEPS}_count", 0.0)) for i, b in buckets.items()}
-        return EngineCounters(int(preemptions), steps)
+        return EngineCounters(int(preemptions), steps, legs)
+
+
+def legs(before: EngineCounters, after: EngineCounters) -> dict[str, int]:
+    """Legs placed on decode instances between the two scrapes, by path (split or whole)."""
+    return {path: n - before.legs.get(path, 0) for path, n in sorted(after.legs.items())}
 
 
 def _ms(seconds: float) -> float | None:
