@@ -72,8 +72,11 @@ class Disaggregated:
         if not prefills:
             return True
         now = time.monotonic()
-        residents = [Resident(h.generated, h.generated + h.load().remaining_p90, now - h.first_token_at)
-                     for h in decode.held.values() if h is not run.held and h.first_token_at is not None]
+        # Every request the decode instance holds, those still before their first token (prefilling elsewhere, their
+        # KV not yet there) included: their decode starts behind this prefill too.
+        residents = [Resident(h.generated, h.generated + h.load().remaining_p90,
+                              0.0 if h.first_token_at is None else now - h.first_token_at)
+                     for h in decode.held.values() if h is not run.held]
         view = SplitView(len(run.context), min(p.queued_prefill_tokens for p in prefills),
                          decode.queued_prefill_tokens, residents)
         return runs_whole(view, self.pace.seconds_per_token, self.handoff.tpot_slo_s)

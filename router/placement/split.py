@@ -20,8 +20,10 @@ over `elapsed` seconds since its first one ends, at the pace it has kept, with a
 
     (elapsed + per_token * (expected - generated) + hold_up) / (expected - 1)
 
-where `per_token = elapsed / (generated - 1)` (0 before its second token). With `tpot_s` set, the leg runs whole
-only when every resident stays within it; without a pace measured yet, it is split.
+where `per_token = elapsed / (generated - 1)` (0 before its second token). A resident still before its first
+token (its prompt prefilling on a prefill instance) counts with `generated` and `elapsed` 0: its decode starts
+behind the hold-up too, and a short one feels it most. With `tpot_s` set, the leg runs whole only when every
+resident stays within it; without a pace measured yet, it is split.
 
 `PrefillPace` is that pace, learned from the prefills the router sees finish: the median seconds per computed
 prompt token over the last `window` of them (prefill time grows about linearly with the prompt on these sizes;
@@ -44,7 +46,7 @@ class Resident:
 
     generated: int  # tokens of its leg so far
     expected: int  # tokens its leg is expected to produce in all
-    elapsed_s: float  # since its leg's first token
+    elapsed_s: float  # since its leg's first token (0 before it)
 
 
 @dataclass(frozen=True, slots=True)

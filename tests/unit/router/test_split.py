@@ -37,6 +37,9 @@ def test_with_a_tpot_objective_a_leg_runs_whole_only_if_every_resident_keeps_it(
     # prompts already queued on the decode instance hold its residents up too
     assert not runs_whole(_view(2000, 1200, fast), pace, tpot_s=0.15)  # 1,500 tokens: 6 s; (1 + 9 + 6) / 100
     assert runs_whole(_view(600, 0), pace, tpot_s=0.15)  # nobody to hold up
+    # a short request still prefilling elsewhere: 5 tokens, 1.2 s of hold-up over its 4 steps after the first
+    assert not runs_whole(_view(600, 0, Resident(0, 5, 0.0)), pace, tpot_s=0.25)
+    assert runs_whole(_view(600, 0, Resident(0, 200, 0.0)), pace, tpot_s=0.25)
 
 
 def test_without_a_measured_pace_a_tpot_objective_splits():
