@@ -198,15 +198,14 @@ async def deploy(config: ServeConfig) -> Deployment:
         vocab_size=tokenizer.vocab_size,
     )
     metrics = RouterMetrics()
+    r = config.router
     handoff = None
     if config.workers.mode != Role.COLOCATED:
         t = config.transfer
         budget = ReceiveBudget(t.receive_buffer_mib << 20)
-        r = config.router
         handoff = Handoff(t.deadline_s, t.min_prompt_tokens, budget, make_policy(r.prefill_policy), t.layerwise,
                           r.split_policy, None if r.tpot_slo_ms is None else r.tpot_slo_ms / 1000)
     registry = Registry(instances)
-    r = config.router
     router = Router(RouterParts(registry, make_policy(r.policy), tokenizer, limits, metrics, handoff,
                                 Gate(r.max_outstanding, r.admission_queue, r.retry_after_s),
                                 load_predictor(r.predictor), r.hold_queue))

@@ -67,16 +67,15 @@ class Legs:
         """The run's next leg: all of it, or what is left of it after a lost worker."""
         run.legs += 1
         run.prefill_instance = ""
-        d = self.disaggregated
         role = self._role()
-        handoff = d is not None and role == Role.DECODE and d.applies(run)
+        d = self.disaggregated if role == Role.DECODE else None  # None: this leg cannot hand off
+        handoff = d is not None and d.applies(run)
         # Colocated mode, short prompts, every prefill instance lost, or every decode instance lost: the request
         # runs whole on one instance; so does a leg its decode instance serves sooner (`router.split_policy`).
         instance = await self.hold.place(role, run)
         try:
-            if handoff and d is not None and d.runs_whole(run, instance):
-                handoff = False
-            if d is not None and role == Role.DECODE:
+            if d is not None:
+                handoff = handoff and not d.runs_whole(run, instance)
                 self.metrics.legs.labels("split" if handoff else "whole").inc()
             if handoff:
                 assert d is not None

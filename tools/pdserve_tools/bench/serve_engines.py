@@ -17,11 +17,11 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from pdserve_tools.bench.router_probe import ENGINE_STEP as STEPS
 from pdserve_tools.bench.router_probe import bucket_delta, histogram_quantile
 
 PREEMPTIONS = "pdserve_instance_preemptions"
 LEGS = "pdserve_legs"
-STEPS = "pdserve_engine_step_seconds"
 
 
 @dataclass(frozen=True, slots=True)
