@@ -172,3 +172,28 @@ def test_the_tables_name_every_layout_and_the_goals():
     for part in ("one node", "two nodes, unshaped", "two nodes, 1 Gbit/s", "0.80", "1.50", "ttft_p50_ratio NOT met",
                  "transfer_vs_raw met", "1+1", "delivered figures"):
         assert part in text, text
+
+
+def steps(decode: tuple[float, int], prefill: tuple[float, int] = (0.0, 0)) -> str:
+    """/metrics text with the engine-step histogram's sum and count per role."""
+    lines = ["# TYPE pdserve_engine_step_seconds histogram"]
+    for role, (total, count) in (("decode", decode), ("prefill", prefill)):
+        labels = f'instance="{role}-0",role="{role}"'
+        lines += [f'pdserve_engine_step_seconds_bucket{{{labels},le="+Inf"}} {count}',
+                  f"pdserve_engine_step_seconds_count{{{labels}}} {count}",
+                  f"pdserve_engine_step_seconds_sum{{{labels}}} {total}"]
+    return "\n".join(lines) + "\n"
+
+
+def test_engine_steps_count_only_the_requests_through_the_router_and_the_decode_step_is_compared_per_link():
+    # the probe's own transfers stepped before the first read (1 s over 10 decode steps); the requests after it
+    one = Measured(None, [], [request(0.1, 0.02)], steps((1.0 + 0.6, 10 + 20), (2.0, 5)), steps((1.0, 10), (1.0, 4)))
+    link = Measured(1.0, [], [request(0.1, 0.025)], steps((1.0 + 0.75, 10 + 20)), steps((1.0, 10)))
+    r = summarize([one], [link], {})
+    (f,) = r["links"]
+    assert r["one_node"]["engine_step_ms"] == pytest.approx({"decode": 30.0, "prefill": 1000.0})
+    assert f["engine_step_ms"] == pytest.approx({"decode": 37.5})  # prefill did not step during the requests
+    assert f["one_node_engine_step_ms"]["decode"] == pytest.approx(30.0)
+    assert f["decode_step_ratio"] == pytest.approx(1.25) and f["tpot_p50_ratio"] == pytest.approx(1.25)
+    assert "37.5" in render(r)
+    assert summarize([one], [Measured(1.0, [], [request(0.1, 0.02)], "")], {})["links"][0]["decode_step_ratio"] is None

@@ -104,7 +104,7 @@ def deployment(c: Cluster, s: Settings, across: bool, gbit: float | None) -> Mea
         served.stop()
         log.write_text(served.output())
     samples = [Sample(**{**d, "send_seconds": tuple(d["send_seconds"])}) for d in report["samples"]]
-    return Measured(gbit, samples, report["served"], report["metrics"])
+    return Measured(gbit, samples, report["served"], report["metrics"], report["metrics_before"])
 
 
 def check_placement(c: Cluster, instances: list[dict[str, Any]], across: bool) -> None:

@@ -11,11 +11,11 @@
 2. Through the router (gRPC, from this namespace, as a client would): `requests` more prompts (after one warm-up),
    one at a time, greedy, `max_tokens` each with EOS ignored; each one's TTFT and TPOT as the client saw them and
    the per-phase timings the router returned (`kv_transfer`: how long the decode waited for KV).
-3. The router's /metrics text at the end (its KV transfer counters).
+3. The router's /metrics text before step 2 and at the end (its KV transfer counters, the engines' step times).
 
 Prints one JSON line: {"instances": [{"instance_id", "role", "pid"}], "samples": [transfer `Sample`s],
 "served": [{"ttft_s", "tpot_s", "tokens", "timings", "prefill_instance", "decode_instance", "error"}],
-"metrics": "<exposition text>"}. Progress bars go to stderr.
+"metrics_before": "<exposition text>", "metrics": "<exposition text>"}. Progress bars go to stderr.
 """
 
 from __future__ import annotations
@@ -123,11 +123,13 @@ def main() -> None:
                 decode["info"].kv_address)
     samples = asyncio.run(transfers(pair, args.requests, args.prompt_tokens))
     ray.shutdown()
+    before = read_metrics(args.metrics_url)
     answers = served(args.target, args.requests, args.prompt_tokens, args.max_tokens)
     print(json.dumps({
         "instances": [{k: w[k] for k in ("instance_id", "role", "pid")} for w in found],
         "samples": [dataclasses.asdict(s) for s in samples],
         "served": answers,
+        "metrics_before": before,
         "metrics": read_metrics(args.metrics_url),
     }))
 

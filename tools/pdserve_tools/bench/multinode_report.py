@@ -26,7 +26,11 @@ router's /metrics text, and, across nodes, the raw TCP sends of the same link. P
   through the router: how long the decode engine waited for KV that had not landed);
 - TTFT and TPOT p50 and their ratios to the same 1P1D on one node (goals <= 1.2 and <= 1.1);
 - `transfer_failures`: `pdserve_kv_transfer_failures_total` (every reason) plus
-  `pdserve_kv_transfers_total{result="failed"}` (goal 0).
+  `pdserve_kv_transfers_total{result="failed"}` (goal 0);
+- `engine_step_ms`: the mean engine step per worker role over the requests through the router
+  (`pdserve_engine_step_seconds` between the /metrics read before them and the one after), and
+  `decode_step_ratio`, the decode role's against the one-node baseline's: a TPOT ratio that this ratio matches
+  comes from the decode engine stepping slower, not from anything between the engine and the client.
 
 The document's top-level `ttft_p50_ratio` and `tpot_p50_ratio` are the worst (highest) over the links, and
 `transfer_failures` is the sum over every deployment of the run, the one-node one included. A figure that cannot
@@ -41,6 +45,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pdserve_tools.bench.report import table
+from pdserve_tools.bench.router_probe import ENGINE_STEP, mean_between, sum_count_by
 from pdserve_tools.bench.transfer import Sample
 from pdserve_tools.stats import percentile
 
@@ -58,6 +63,7 @@ class Measured:
     samples: Sequence[Sample]
     served: Sequence[dict[str, Any]]  # one per request: ttft_s, tpot_s, timings, error
     metrics: str  # the router's /metrics text after the run
+    metrics_before: str = ""  # ... before the requests through the router (after the probe's own transfers)
     raw_bytes: int = 0  # bytes per raw send; 0: none measured (one node)
     raw_seconds: Sequence[float] = field(default_factory=tuple)
 
@@ -94,7 +100,16 @@ def latency(m: Measured) -> dict[str, Any]:
         "tpot_p50_s": _median([s["tpot_s"] for s in ok]),
         "kv_wait_ms_p50": _median([s["timings"]["kv_transfer"] * 1e3 for s in ok]),
         "transfer_failures": transfer_failures(m.metrics),
+        "engine_step_ms": engine_step_ms(m),
     }
+
+
+def engine_step_ms(m: Measured) -> dict[str, float]:
+    """Each worker role's mean engine step over the requests through the router, in ms (roles that stepped)."""
+    before = sum_count_by(m.metrics_before, ENGINE_STEP, "role")
+    steps = {role: mean_between(before.get(role, (0.0, 0.0)), after) * 1e3
+             for role, after in sum_count_by(m.metrics, ENGINE_STEP, "role").items()}
+    return {role: ms for role, ms in sorted(steps.items()) if math.isfinite(ms)}
 
 
 def _known(values: Sequence[float | None]) -> list[float]:
@@ -133,7 +148,9 @@ def link_figures(m: Measured, one_node: dict[str, Any]) -> dict[str, Any]:
     return {"link_gbit": m.link_gbit, **transfer(m), **lat,
             "one_node_ttft_p50_s": one_node["ttft_p50_s"], "one_node_tpot_p50_s": one_node["tpot_p50_s"],
             "ttft_p50_ratio": _ratio(lat["ttft_p50_s"], one_node["ttft_p50_s"]),
-            "tpot_p50_ratio": _ratio(lat["tpot_p50_s"], one_node["tpot_p50_s"])}
+            "tpot_p50_ratio": _ratio(lat["tpot_p50_s"], one_node["tpot_p50_s"]),
+            "one_node_engine_step_ms": one_node["engine_step_ms"],
+            "decode_step_ratio": _ratio(lat["engine_step_ms"].get("decode"), one_node["engine_step_ms"].get("decode"))}
 
 
 def _worst(values: list[float | None]) -> float | None:
@@ -181,6 +198,10 @@ def _ms(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds * 1e3:.1f}"
 
 
+def _step(ms: dict[str, float]) -> str:
+    return _f(ms.get("decode"), 1)
+
+
 def _bounded(f: dict[str, Any]) -> str:
     return f"{f['delivered_bounded_whole']}+{f['delivered_bounded_layerwise']}"
 
@@ -200,9 +221,11 @@ def render(r: dict[str, Any]) -> str:
                             "failures"], rows)
     rows = [[f"two nodes, {link_name(f['link_gbit'])}", _ms(f["one_node_ttft_p50_s"]), _ms(f["ttft_p50_s"]),
              _f(f["ttft_p50_ratio"]), _ms(f["one_node_tpot_p50_s"]), _ms(f["tpot_p50_s"]), _f(f["tpot_p50_ratio"]),
+             _step(f["one_node_engine_step_ms"]), _step(f["engine_step_ms"]), _f(f["decode_step_ratio"]),
              str(f["request_errors"])] for f in r["links"]]
     latency_table = table(["layout, link (tbf)", "TTFT p50 ms: one node", "two nodes", "x (<= 1.2)",
-                           "TPOT p50 ms: one node", "two nodes", "x (<= 1.1)", "request errors"], rows)
+                           "TPOT p50 ms: one node", "two nodes", "x (<= 1.1)", "decode step ms: one node",
+                           "two nodes", "x", "request errors"], rows)
     met = ", ".join(f"{k} {'met' if v else 'NOT met'}" for k, v in r["met"].items())
     note = ("KV Gbit/s, KV/raw and exposed are delivered figures (until the decode had the last layer); "
             "bounded: samples that landed before the decode posted its blocks, whose figures are bounds "
