@@ -32,6 +32,7 @@ from router.admission import Gate
 from router.channel import WorkerChannel
 from router.metrics import RouterMetrics, serve_metrics
 from router.placement import make_policy
+from router.placement.slo import Objectives
 from router.predictor.prediction import TextPredictor
 from router.receive_budget import ReceiveBudget
 from router.registry import Instance, Registry
@@ -39,6 +40,7 @@ from router.service import Handoff, Router, RouterParts
 from router.tokenizer import PromptTokenizer
 from router.validation import Limits
 from worker.binding import Binding, bind_node
+from worker.busy_wait import BUSY_WAIT_ENV
 from worker.config import EngineConfig
 from worker.engine import KVRole
 from worker.host import EngineHost
@@ -71,6 +73,7 @@ def worker_env(engine: EngineConfig) -> dict[str, str]:
         # vLLM 0.32's ahead-of-time compile cache fails to load back ("'function' object has no attribute
         # 'finalize_loading'") and recompiles on every start; its older cache path reloads.
         "VLLM_USE_AOT_COMPILE": "0",
+        BUSY_WAIT_ENV: str(engine.busy_wait_s),
     }
 
 
@@ -204,11 +207,13 @@ async def deploy(config: ServeConfig) -> Deployment:
         t = config.transfer
         budget = ReceiveBudget(t.receive_buffer_mib << 20)
         handoff = Handoff(t.deadline_s, t.min_prompt_tokens, budget, make_policy(r.prefill_policy), t.layerwise,
-                          r.split_policy, None if r.tpot_slo_ms is None else r.tpot_slo_ms / 1000)
+                          r.split_policy)
+    tpot_s = None if r.slo.tpot_ms is None else r.slo.tpot_ms / 1000
+    objectives = Objectives(r.slo.ttft_s, tpot_s, r.shed, r.retry_after_s)
     registry = Registry(instances)
     router = Router(RouterParts(registry, make_policy(r.policy), tokenizer, limits, metrics, handoff,
                                 Gate(r.max_outstanding, r.admission_queue, r.retry_after_s),
-                                load_predictor(r.predictor), r.hold_queue))
+                                load_predictor(r.predictor), r.hold_queue, objectives))
     metrics.watch_pool(registry.all, lambda: router.admission.waiting)
     loop_lag = LoopLag(metrics.loop_lag.observe)
     loop_lag.start()

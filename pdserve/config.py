@@ -17,7 +17,7 @@ from pydantic import ConfigDict, TypeAdapter
 
 from common.roles import Role
 from kv_transfer.config import TransferConfig
-from router.config import AuthConfig, RouterConfig, TlsConfig
+from router.config import AuthConfig, RouterConfig, SloConfig, TlsConfig
 from worker.config import EngineConfig
 
 
@@ -124,8 +124,8 @@ class ServeConfig:
 
 
 _STRICT = ConfigDict(extra="forbid")
-_SECTIONS = (RayConfig, EngineConfig, PoolConfig, WorkersConfig, TransferConfig, TlsConfig, AuthConfig, RouterConfig,
-             ServeConfig)
+_SECTIONS = (RayConfig, EngineConfig, PoolConfig, WorkersConfig, TransferConfig, SloConfig, TlsConfig, AuthConfig,
+             RouterConfig, ServeConfig)
 for _section in _SECTIONS:
     _section.__pydantic_config__ = _STRICT  # type: ignore[attr-defined,union-attr]
 _ADAPTER = TypeAdapter(ServeConfig)

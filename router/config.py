@@ -1,4 +1,5 @@
-"""The router's configuration: `RouterConfig` with its frontends' `TlsConfig` and `AuthConfig`."""
+"""The router's configuration: `RouterConfig` with its `SloConfig` and its frontends' `TlsConfig` and
+`AuthConfig`."""
 
 from __future__ import annotations
 
@@ -48,6 +49,22 @@ class AuthConfig:
 
 
 @dataclass(frozen=True)
+class SloConfig:
+    """Service-level objectives per request: time to first token (`ttft_s`) and time per output token after the
+    first (`tpot_ms`). `split_policy: sooner` keeps the TPOT of the requests decoding on an instance within
+    `tpot_ms`; `router.shed` refuses a request projected to miss `ttft_s`. None: unchecked."""
+
+    ttft_s: float | None = None  # time to first token; what router.shed keeps
+    tpot_ms: float | None = None  # time per output token after the first; what split_policy "sooner" keeps
+
+    def __post_init__(self) -> None:
+        for name, unit in (("ttft_s", "s"), ("tpot_ms", "ms")):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"router.slo.{name} must be > 0 {unit} (or null: unchecked), got {value}")
+
+
+@dataclass(frozen=True)
 class RouterConfig:
     """The router and its frontends: gRPC on `port` and the OpenAI-compatible HTTP API on `http_port`, both on
     `host`; Prometheus metrics on `metrics_port` of `metrics_host`, unauthenticated, so local by default. A port of
@@ -66,9 +83,12 @@ class RouterConfig:
     prefill_policy: str = "least_outstanding"  # places prefills (disaggregated)
     # Disaggregated: "always" prefills every prompt of transfer.min_prompt_tokens or more on a prefill instance;
     # "sooner" runs a request whole on its decode instance when that instance has fewer prompt tokens queued than
-    # every prefill instance, keeping the TPOT of the requests decoding there within tpot_slo_ms.
+    # every prefill instance, keeping the TPOT of the requests decoding there within slo.tpot_ms.
     split_policy: str = "always"  # disaggregated: "always" or "sooner" (whole on the decode instance when sooner)
-    tpot_slo_ms: float | None = None  # the TPOT objective "sooner" keeps; None: unchecked
+    slo: SloConfig = field(default_factory=SloConfig)  # the objectives per request; unchecked unless set
+    # Shedding: a request whose first token is projected (queued prompt tokens at the measured prefill pace) to come
+    # later than slo.ttft_s is refused before it runs (RESOURCE_EXHAUSTED / 429, retry hint: the projected excess).
+    shed: bool = False  # refuse requests projected to miss slo.ttft_s (needs it)
     # A head file from `pdserve predictor train`: each request's output length is predicted from its prompt, for
     # length-aware policies and the prediction-error metrics. None: every request is taken to run to max_tokens.
     predictor: str | None = None
@@ -126,8 +146,8 @@ class RouterConfig:
 
         if self.split_policy not in SPLIT_POLICIES:
             raise ValueError(f"router.split_policy must be one of {list(SPLIT_POLICIES)}, got {self.split_policy!r}")
-        if self.tpot_slo_ms is not None and not self.tpot_slo_ms > 0:
-            raise ValueError(f"router.tpot_slo_ms must be > 0 ms (or null: unchecked), got {self.tpot_slo_ms}")
+        if self.shed and self.slo.ttft_s is None:
+            raise ValueError("router.shed refuses requests projected to miss router.slo.ttft_s: set slo.ttft_s too")
         if self.predictor is not None and not Path(self.predictor).is_file():
             raise ValueError(f"router.predictor: no head file at {self.predictor!r}; train one with "
                              "`pdserve predictor train`, or leave it null")

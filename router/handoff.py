@@ -29,7 +29,7 @@ from router.cleanups import Cleanups
 from router.delta import Delta
 from router.kv_fallback import decode_kv_params, failure_reason
 from router.placement import Placement, Policy
-from router.placement.split import PrefillPace, Resident, SplitView, runs_whole
+from router.placement.split import Resident, SplitView, runs_whole
 from router.receive_budget import ReceiveBudget, TooLarge
 from router.registry import Instance, Registry
 from router.run import Run
@@ -48,7 +48,6 @@ class Handoff:
     prefill_policy: Policy
     layerwise: bool = True
     split_policy: str = "always"  # `router.placement.split`: "always", or "sooner" (whole when that is sooner)
-    tpot_slo_s: float | None = None  # "sooner" keeps the decode instance's residents within it; None: unchecked
 
 
 class Disaggregated:
@@ -57,19 +56,22 @@ class Disaggregated:
         self.registry = registry
         self.streams = streams
         self.cleanups = cleanups
-        self.pace = PrefillPace()  # of the prefills this router saw finish
 
     def applies(self, run: Run) -> bool:
         """Whether the run's next leg may hand off: its context is long enough and some prefill instance is there
         (else it runs whole on its decode instance)."""
         return len(run.context) >= self.handoff.min_prompt_tokens and bool(self.registry.placeable(Role.PREFILL))
 
-    def runs_whole(self, run: Run, decode: Instance) -> bool:
-        """Whether a leg that may hand off runs whole on `decode` instead (`router.placement.split`)."""
+    def prefill_queue(self) -> int:
+        """Prompt tokens queued on the least-queued prefill instance (0 without one)."""
+        return min((p.queued_prefill_tokens for p in self.registry.placeable(Role.PREFILL)), default=0)
+
+    def runs_whole(self, run: Run, decode: Instance, tpot_s: float | None) -> bool:
+        """Whether a leg that may hand off runs whole on `decode` instead (`router.placement.split`), keeping the
+        TPOT of the requests decoding there within `tpot_s` (None: unchecked)."""
         if self.handoff.split_policy != "sooner":
             return False
-        prefills = self.registry.placeable(Role.PREFILL)
-        if not prefills:
+        if not self.registry.placeable(Role.PREFILL):
             return True
         now = time.monotonic()
         # Every request the decode instance holds, those still before their first token (prefilling elsewhere, their
@@ -77,9 +79,8 @@ class Disaggregated:
         residents = [Resident(h.generated, h.generated + h.load().remaining_p90,
                               0.0 if h.first_token_at is None else now - h.first_token_at)
                      for h in decode.held.values() if h is not run.held]
-        view = SplitView(len(run.context), min(p.queued_prefill_tokens for p in prefills),
-                         decode.queued_prefill_tokens, residents)
-        return runs_whole(view, self.pace.seconds_per_token, self.handoff.tpot_slo_s)
+        view = SplitView(len(run.context), self.prefill_queue(), decode.queued_prefill_tokens, residents)
+        return runs_whole(view, self.streams.pace.seconds_per_token, tpot_s)
 
     async def leg(self, run: Run, decode: Instance) -> AsyncIterator[Delta]:
         """The run's next leg, prefilled elsewhere and decoded on `decode` (see the module docstring)."""
@@ -153,7 +154,7 @@ class Disaggregated:
         try:
             result = await awaited(call, run.request.deadline, prefill)  # a cancelled await cancels the call
             done = True
-            self.pace.observe(n, result.compute)
+            self.streams.pace.observe(n, result.compute)
         finally:
             prefill.outstanding -= 1
             prefill.queued_prefill_tokens -= n

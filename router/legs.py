@@ -6,6 +6,10 @@ router disaggregates, the context is long enough and some prefill instance is th
 lost, the leg runs whole on a prefill instance, so the layout of one decode instance survives its death. The
 instance holds the request from placement until the leg ends, however it ends.
 
+The first leg of a request that the router sheds (`router.placement.slo`: its first token projected later than
+the TTFT objective) is refused with `Overloaded` once placed, before any engine sees it, and its placement
+released.
+
 A leg whose worker is lost (`WorkerLost`) takes that instance out of the pool, and the request resumes on
 another instance from the prompt plus every token the client already has (greedy output is unchanged by the
 move): at most `MAX_RESUMES` times, after which it fails with `EngineFailure`.
@@ -17,12 +21,13 @@ import logging
 import time
 from collections.abc import AsyncIterator
 
-from common.errors import EngineFailure
+from common.errors import EngineFailure, Overloaded
 from common.roles import Role
 from router.delta import Delta
 from router.handoff import Disaggregated
 from router.hold import HoldQueue
 from router.metrics import RouterMetrics
+from router.placement.slo import Objectives, projected_ttft, shed_after
 from router.run import Run
 from router.stream import Streams, WorkerLost
 
@@ -33,11 +38,12 @@ MAX_RESUMES = 2  # lost workers a request survives
 
 class Legs:
     def __init__(self, hold: HoldQueue, streams: Streams, disaggregated: Disaggregated | None,
-                 metrics: RouterMetrics) -> None:
+                 metrics: RouterMetrics, objectives: Objectives) -> None:
         self.hold = hold
         self.streams = streams
         self.disaggregated = disaggregated  # None: colocated mode
         self.metrics = metrics
+        self.objectives = objectives
 
     async def run(self, run: Run) -> AsyncIterator[Delta]:
         """The run's deltas, over as many legs as lost workers make it take."""
@@ -75,7 +81,10 @@ class Legs:
         instance = await self.hold.place(role, run)
         try:
             if d is not None:
-                handoff = handoff and not d.runs_whole(run, instance)
+                handoff = handoff and not d.runs_whole(run, instance, self.objectives.tpot_s)
+            if run.legs == 1 and self.objectives.shed:
+                self._shed(run, d.prefill_queue() if handoff and d is not None else instance.queued_prefill_tokens)
+            if d is not None:
                 self.metrics.legs.labels("split" if handoff else "whole").inc()
             if handoff:
                 assert d is not None
@@ -87,3 +96,21 @@ class Legs:
                 yield delta
         finally:
             self.hold.release(instance, run)
+
+    def _shed(self, run: Run, queued: int) -> None:
+        """Refuses the run when its first token, behind `queued` prompt tokens, is projected later than the TTFT
+        objective."""
+        assert self.objectives.ttft_s is not None
+        waited, tokens = time.monotonic() - run.clock.arrival, len(run.context)
+        pace = self.streams.pace.seconds_per_token
+        hint = shed_after(waited, queued, tokens, pace, self.objectives.ttft_s, self.objectives.retry_floor_s)
+        if hint is None:
+            return
+        assert pace is not None
+        self.metrics.shed.inc()
+        raise Overloaded(
+            f"the first token could not come within the {self.objectives.ttft_s:g} s objective now: it is projected at "
+            f"{projected_ttft(waited, queued, tokens, pace):.2f} s ({queued} prompt tokens queued ahead of this one's "
+            f"{tokens}); retry in {hint:.2f} s",
+            retry_after_s=hint,
+        )

@@ -67,6 +67,8 @@ class RouterMetrics:
         self.legs = Counter("pdserve_legs", "Legs placed on decode instances, by path: split (prefilled on a "
                             "prefill instance) or whole (prefilled on the decode instance itself)", ["path"],
                             registry=r)
+        self.shed = Counter("pdserve_requests_shed", "Requests refused before they ran: their first token was "
+                            "projected later than router.slo.ttft_s (router.shed)", registry=r)
         self.resumed = Counter("pdserve_requests_resumed", "Times a request moved to another instance after its "
                                "worker was lost", registry=r)
         self.running = Gauge("pdserve_requests_running", "Requests placed on an instance and not ended",

@@ -6,7 +6,8 @@
   others waits for a slot in arrival order, and one more is refused with `Overloaded` and a retry hint;
 - prediction (`router.learner.Learner`): the output length's quantiles, once per request, for placement; each
   finished request's length is scored against its prediction and fed back to the predictor's calibration;
-- legs (`router.legs.Legs`): each leg is placed through the KV-room hold queue (`router.hold.HoldQueue`) and runs
+- legs (`router.legs.Legs`): a request projected to miss its TTFT objective is refused once placed (`router.shed`);
+  each leg is placed through the KV-room hold queue (`router.hold.HoldQueue`) and runs
   whole on one instance (colocated mode, short prompts) or hands off from a prefill instance to the decode one
   (`router.handoff`, when a `Handoff` is given); a leg that loses its worker resumes on another instance;
 - streaming (`router.stream`): engine chunks become `Delta`s; the last one carries the `Outcome`;
@@ -24,7 +25,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from common.errors import ServeError
 from common.roles import Role
@@ -37,6 +38,7 @@ from router.learner import Learner
 from router.legs import Legs
 from router.metrics import RouterMetrics
 from router.placement import Policy
+from router.placement.slo import Objectives
 from router.predictor.prediction import TextPredictor
 from router.registry import Registry
 from router.request import Request
@@ -58,7 +60,7 @@ def new_request_id() -> str:
 class RouterParts:
     """What a `Router` is made of: the instances, their placement, tokenizing and limits, metrics; with `handoff`
     it disaggregates, `admission` bounds what runs at once, `predictor` predicts output lengths, `hold_queue` bounds
-    the requests waiting for KV room."""
+    the requests waiting for KV room, `objectives` sets the objectives (and shedding) per request."""
 
     registry: Registry
     policy: Policy
@@ -69,6 +71,7 @@ class RouterParts:
     admission: Gate[asyncio.Future[None]] | None = None
     predictor: TextPredictor | None = None
     hold_queue: int = 0
+    objectives: Objectives = field(default_factory=Objectives)
 
 
 class Router:
@@ -86,7 +89,7 @@ class Router:
         disaggregated = None
         if parts.handoff is not None:
             disaggregated = Disaggregated(parts.handoff, parts.registry, streams, self._cleanups)
-        self.legs = Legs(self.hold, streams, disaggregated, metrics)
+        self.legs = Legs(self.hold, streams, disaggregated, metrics, parts.objectives)
 
     @property
     def policy(self) -> Policy:

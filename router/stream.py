@@ -28,6 +28,7 @@ from router.cleanups import Cleanups
 from router.delta import Delta, Outcome
 from router.metrics import RouterMetrics
 from router.placement import Placement
+from router.placement.split import PrefillPace
 from router.registry import Instance
 from router.run import Run
 
@@ -68,6 +69,7 @@ class Streams:
     def __init__(self, metrics: RouterMetrics, cleanups: Cleanups) -> None:
         self.metrics = metrics
         self.cleanups = cleanups
+        self.pace = PrefillPace()  # of the prefills this router saw finish, whole legs' and prefill instances'
 
     def computes(self, instance: Instance, placement: Placement) -> int:
         """`instance` computes the placement's prompt: recorded in its tracked prefixes and the prefix metrics.
@@ -94,6 +96,7 @@ class Streams:
                 if first:
                     first = False
                     instance.queued_prefill_tokens -= queued
+                    self.pace.observe(queued, chunk.prefill_compute)
                     queued = 0
                     await self._first_chunk(run, chunk, receive)
                 run.produce(chunk.token_ids)

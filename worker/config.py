@@ -24,6 +24,9 @@ class EngineConfig:
     # 100 ms either way) while a first start compiled for about 4 minutes, so it is off by default.
     compile: bool = False  # torch.compile the model (see above)
     log_level: str = "WARNING"  # vLLM's own logging inside the workers
+    # How long an engine's processes spin on their shared-memory queues after each message before they sleep
+    # (`worker/busy_wait.py`); vLLM's own is 1 s.
+    busy_wait_s: float = 1.0  # spin time of the engine's processes after each message (see above)
 
     def __post_init__(self) -> None:
         if self.max_model_len < 16:
@@ -37,6 +40,8 @@ class EngineConfig:
             )
         if self.kv_cache_gib <= 0:
             raise ValueError(f"engine.kv_cache_gib must be > 0, got {self.kv_cache_gib}")
+        if not self.busy_wait_s >= 0:
+            raise ValueError(f"engine.busy_wait_s must be >= 0 seconds, got {self.busy_wait_s}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"engine.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
 

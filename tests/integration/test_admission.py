@@ -3,7 +3,9 @@
 The router runs at most two requests at once and queues none (`router.max_outstanding: 2`,
 `router.admission_queue: 0`), so a third request is refused at once: gRPC RESOURCE_EXHAUSTED with the trailing
 metadata `pdserve-retry-after-ms`, HTTP 429 with `Retry-After`. A prompt whose KV can never fit a decode
-instance's receive buffer (1 MiB here) is INVALID_ARGUMENT / 400, not an overload. A decode instance drained
+instance's receive buffer (1 MiB here) is INVALID_ARGUMENT / 400, not an overload. With `router.shed`, a request
+whose first token is projected later than `router.slo.ttft_s` is refused the same way, before any engine sees it,
+in this layout and in the colocated one. A decode instance drained
 while a request streams on it finishes that request and takes no new one; then it leaves the deployment.
 """
 
@@ -19,6 +21,7 @@ from pdserve_client import Client
 from pdserve_client.v1 import pdserve_pb2 as pb
 from pdserve_client.v1 import pdserve_pb2_grpc as pb_grpc
 from pdserve_tools.chaos import held
+from router.placement.slo import Objectives
 from tests.conftest import TINY_ENGINE, poll, start_deployment, stop_deployment
 
 pytestmark = pytest.mark.integration
@@ -91,6 +94,55 @@ def test_a_prompt_too_large_for_any_receive_buffer_is_invalid_not_overloaded(dep
     assert reply.status_code == 400
     assert "Retry-After" not in reply.headers
     assert f"at most {fits} tokens fit" in reply.json()["error"]["message"]
+
+
+QUEUED = 10**7  # prompt tokens put on every instance's queue: far beyond any objective at any pace
+
+
+def assert_shed_then_served(d) -> None:
+    """With shedding on and a huge queue on every instance, gRPC and HTTP requests are refused with a retry hint,
+    counted, and leave nothing held; with the queues back, the same request runs."""
+    router, legs = d.router, d.router.legs
+    with Client(d.target) as client:
+        client.complete(list(range(1000, 1016)), max_tokens=2, temperature=0.0, timeout=120)  # a prefill pace
+
+    async def objectives(o: Objectives, queued: int) -> None:  # on the router's loop, which owns this state
+        legs.objectives = o
+        for i in router.registry.all():
+            i.queued_prefill_tokens += queued
+
+    shed = router.metrics.shed._value.get()
+    d.loop.run(objectives(Objectives(ttft_s=1.0, shed=True, retry_floor_s=0.25), QUEUED))
+    try:
+        with grpc.insecure_channel(d.target) as channel, pytest.raises(grpc.RpcError) as refused:
+            list(pb_grpc.GenerationStub(channel).Generate(_request(16, 4), timeout=60))
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "the 1 s objective" in refused.value.details() and f"{QUEUED} prompt tokens" in refused.value.details()
+        assert int(dict(refused.value.trailing_metadata())["pdserve-retry-after-ms"]) >= 250
+
+        body = {"model": router.limits.model_name, "prompt": [1, 2, 3], "max_tokens": 4}
+        reply = httpx.post(f"http://127.0.0.1:{d.http_port}/v1/completions", json=body, timeout=30)
+        assert reply.status_code == 429 and int(reply.headers["Retry-After"]) >= 1
+        assert "objective" in reply.json()["error"]["message"]
+    finally:
+        d.loop.run(objectives(Objectives(ttft_s=600.0, shed=True), -QUEUED))
+    try:
+        with Client(d.target) as client:
+            done = client.complete(list(range(1000, 1016)), max_tokens=4, temperature=0.0, timeout=120)
+        assert len(done.token_ids) == 4
+    finally:
+        d.loop.run(objectives(Objectives(), 0))
+    assert router.metrics.shed._value.get() == shed + 2
+    left = d.loop.run(held(router))
+    assert left.total == 0 and not left.not_healthy, left
+
+
+def test_a_request_projected_to_miss_its_ttft_objective_is_shed_before_it_runs(dep):
+    assert_shed_then_served(dep)
+
+
+def test_shedding_holds_in_the_colocated_layout_too(deployment):
+    assert_shed_then_served(deployment)
 
 
 def test_a_drained_instance_finishes_its_request_takes_no_new_one_and_leaves(dep, stub):

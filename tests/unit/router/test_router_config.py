@@ -7,7 +7,7 @@ import urllib.request
 
 import pytest
 
-from router.config import RouterConfig
+from router.config import RouterConfig, SloConfig
 from router.metrics import RouterMetrics, serve_metrics
 
 
@@ -21,11 +21,29 @@ from router.metrics import RouterMetrics, serve_metrics
     ("grpc_idle_timeout_s", -1.0, "router.grpc_idle_timeout_s must be >= 0 seconds (0: no limit)"),
     ("grpc_max_connection_age_s", float("nan"), "router.grpc_max_connection_age_s must be >= 0 seconds"),
     ("split_policy", "never", "router.split_policy must be one of ['always', 'sooner'], got 'never'"),
-    ("tpot_slo_ms", 0.0, "router.tpot_slo_ms must be > 0 ms (or null: unchecked)"),
+    ("shed", True, "router.shed refuses requests projected to miss router.slo.ttft_s: set slo.ttft_s too"),
 ])
 def test_a_limit_out_of_range_is_refused_naming_the_key(field: str, value: float, message: str) -> None:
     with pytest.raises(ValueError, match=re.escape(message)):
         RouterConfig(**{field: value})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("ttft_s", 0.0, "router.slo.ttft_s must be > 0 s (or null: unchecked), got 0.0"),
+    ("tpot_ms", -5.0, "router.slo.tpot_ms must be > 0 ms (or null: unchecked), got -5.0"),
+])
+def test_an_objective_that_cannot_be_met_is_refused_naming_the_key(field: str, value: float, message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        SloConfig(**{field: value})
+
+
+def test_the_objectives_and_shedding_parse_from_yaml() -> None:
+    from pdserve.config import config_from_dict
+
+    router = config_from_dict({"router": {"slo": {"ttft_s": 2.0, "tpot_ms": 150}, "shed": True}}).router
+    assert (router.slo, router.shed) == (SloConfig(ttft_s=2.0, tpot_ms=150.0), True)
+    with pytest.raises(ValueError, match=r"router\.slo\.ttft_ms\n  Unexpected keyword argument"):
+        config_from_dict({"router": {"slo": {"ttft_ms": 2000}}})
 
 
 def test_metrics_listen_on_loopback_by_default() -> None:

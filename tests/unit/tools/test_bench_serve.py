@@ -257,13 +257,13 @@ def test_the_placement_benchmark_config_loads_with_its_committed_predictor():
 def test_the_sooner_target_is_1p1d_splitting_only_when_that_is_sooner_under_the_bench_tpot_objective():
     import dataclasses
 
-    from pdserve.config import config_from_dict
+    from pdserve.config import SloConfig, config_from_dict
     from pdserve_tools.bench.serve_targets import target_data
 
     base = config_from_dict({})
-    base = dataclasses.replace(base, router=dataclasses.replace(base.router, tpot_slo_ms=150.0))
+    base = dataclasses.replace(base, router=dataclasses.replace(base.router, slo=SloConfig(tpot_ms=150.0)))
     sooner = config_from_dict(target_data(base, "pdserve-sooner", None))
     always = config_from_dict(target_data(base, "pdserve-disagg", None))
-    assert (sooner.router.split_policy, sooner.router.tpot_slo_ms) == ("sooner", 150.0)
+    assert (sooner.router.split_policy, sooner.router.slo.tpot_ms) == ("sooner", 150.0)
     assert always.router.split_policy == "always"
     assert sooner.workers == always.workers

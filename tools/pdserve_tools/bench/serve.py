@@ -36,7 +36,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from pdserve.config import load_config
+from pdserve.config import SloConfig, load_config
 from pdserve_tools.bench.report import table, write_json
 from pdserve_tools.bench.serve_data import add_dataset_arguments, build_requests, describe, warmup_requests
 from pdserve_tools.bench.serve_engines import legs, step_times
@@ -320,7 +320,7 @@ def make_plan(args: argparse.Namespace, requests: list[BenchRequest], warmup: li
 
 def main(args: argparse.Namespace) -> int:
     base = load_config(args.config)
-    base = dataclasses.replace(base, router=dataclasses.replace(base.router, tpot_slo_ms=args.slo_tpot_ms))
+    base = dataclasses.replace(base, router=dataclasses.replace(base.router, slo=SloConfig(tpot_ms=args.slo_tpot_ms)))
     logs = Path(args.out).parent / f"{Path(args.out).stem}-logs"
     specs = [TargetSpec(name, base, args.model, args.client, logs, args.in_process) for name in args.targets]
     engine = specs[0].engine

@@ -12,7 +12,7 @@ generator shares no event loop or GIL with the router; `in_process=True` deploys
 Targets (the same cores, one after another):
 - `pdserve-disagg`: pdserve 1P1D (one prefill and one decode instance, one core each).
 - `pdserve-sooner`: pdserve 1P1D with `router.split_policy: sooner` (a request runs whole on the decode instance
-  when that is sooner), keeping the TPOT objective of the base config's `router.tpot_slo_ms` (`bench serve` sets it
+  when that is sooner), keeping the TPOT objective of the base config's `router.slo.tpot_ms` (`bench serve` sets it
   to its own `--slo-tpot-ms`).
 - `pdserve-colocated`: pdserve with two colocated instances (one core each), the same router.
 - `pdserve-1p2d`: pdserve 1P2D, decodes placed by `least_outstanding` (three engines on the cores, wrapping).
@@ -119,7 +119,7 @@ def target_data(base: ServeConfig, name: str, model: str | None) -> dict[str, ob
         "transfer": dataclasses.asdict(base.transfer),
         "router": {"port": 0, "http_port": 0, "metrics_port": 0, "max_tokens_limit": r.max_tokens_limit,
                    "policy": DECODE_POLICY.get(name, r.policy), "predictor": r.predictor, "hold_queue": r.hold_queue,
-                   "split_policy": SPLIT_POLICY.get(name, "always"), "tpot_slo_ms": r.tpot_slo_ms},
+                   "split_policy": SPLIT_POLICY.get(name, "always"), "slo": dataclasses.asdict(r.slo)},
     }
 
 
