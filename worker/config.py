@@ -24,9 +24,11 @@ class EngineConfig:
     # 100 ms either way) while a first start compiled for about 4 minutes, so it is off by default.
     compile: bool = False  # torch.compile the model (see above)
     log_level: str = "WARNING"  # vLLM's own logging inside the workers
-    # How long an engine's processes spin on their shared-memory queues after each message before they sleep
-    # (`worker/busy_wait.py`); vLLM's own is 1 s.
-    busy_wait_s: float = 1.0  # spin time of the engine's processes after each message (see above)
+    # How long an engine's processes spin on their shared-memory queues after each message before they sleep on a
+    # notification (`worker/busy_wait.py`). vLLM's own is 1 s: the engine core, bound to no core, spins while its
+    # worker computes, on another engine's core. 0 took pdserve 1P1D's prefill from a mean 1.07x a plain vLLM
+    # engine's time to 0.96x on 2 cores (docs/benchmarks/prefill-speed.md); each wait costs a wake-up instead.
+    busy_wait_s: float = 0.0  # spin time of the engine's processes after each message (see above)
 
     def __post_init__(self) -> None:
         if self.max_model_len < 16:
