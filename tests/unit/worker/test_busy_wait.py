@@ -7,7 +7,7 @@ from importlib.metadata import entry_points
 import pytest
 import zmq
 
-from worker.busy_wait import BUSY_WAIT_ENV, install
+from worker.busy_wait import BUSY_WAIT_ENV, RECHECK_MS, install
 
 
 def test_vllm_finds_the_plugin_in_its_general_plugin_group() -> None:
@@ -17,9 +17,11 @@ def test_vllm_finds_the_plugin_in_its_general_plugin_group() -> None:
 
 @pytest.fixture
 def spin_condition(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    from vllm.distributed.device_communicators import shm_broadcast
     from vllm.distributed.device_communicators.shm_broadcast import SpinCondition
 
     monkeypatch.setattr(SpinCondition, "__init__", SpinCondition.__init__)  # restored after the test
+    monkeypatch.setattr(shm_broadcast, "SHM_READER_RECHECK_INTERVAL_MS", shm_broadcast.SHM_READER_RECHECK_INTERVAL_MS)
     context = zmq.Context()
 
     def make(address: str) -> tuple[SpinCondition, SpinCondition]:
@@ -45,3 +47,19 @@ def test_without_the_variable_vllm_keeps_its_own_busy_wait(spin_condition, monke
     install()
     _, reader = spin_condition("inproc://plain")
     assert reader.busy_loop_s == 1
+
+
+def _idle_wait_ms() -> int:
+    """How long a reader with nothing to read sleeps before it looks at its queue again (no deadline set)."""
+    from vllm.distributed.device_communicators.shm_broadcast import MessageQueue
+
+    return MessageQueue.ReadTimeoutWithWarnings(timeout=None, should_warn=False).timeout_ms()
+
+
+def test_a_dropped_notification_costs_a_sleeping_reader_milliseconds_once_installed(spin_condition, monkeypatch):
+    monkeypatch.delenv(BUSY_WAIT_ENV, raising=False)
+    install()
+    assert _idle_wait_ms() == 5000  # vLLM's own: a dropped notification stalls a sleeping reader 5 s
+    monkeypatch.setenv(BUSY_WAIT_ENV, "0")
+    install()
+    assert _idle_wait_ms() == RECHECK_MS == 5
