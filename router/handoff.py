@@ -66,6 +66,11 @@ class Disaggregated:
         """Prompt tokens queued on the least-queued prefill instance (0 without one)."""
         return min((p.queued_prefill_tokens for p in self.registry.placeable(Role.PREFILL)), default=0)
 
+    def least_work(self, placement: Placement) -> tuple[int, int]:
+        """`Instance.prefill_work` of the prefill instance that would reach the placement's first token soonest."""
+        works = [p.prefill_work(placement) for p in self.registry.placeable(Role.PREFILL)]
+        return min(works, key=sum, default=(0, placement.prompt_tokens))
+
     def runs_whole(self, run: Run, decode: Instance, tpot_s: float | None) -> bool:
         """Whether a leg that may hand off runs whole on `decode` instead (`router.placement.split`), keeping the
         TPOT of the requests decoding there within `tpot_s` (None: unchecked)."""

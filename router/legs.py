@@ -83,7 +83,9 @@ class Legs:
             if d is not None:
                 handoff = handoff and not d.runs_whole(run, instance, self.objectives.tpot_s)
             if run.legs == 1 and self.objectives.shed:
-                self._shed(run, d.prefill_queue() if handoff and d is not None else instance.queued_prefill_tokens)
+                placement = run.placement()
+                self._shed(run, *(d.least_work(placement) if handoff and d is not None
+                                  else instance.prefill_work(placement)))
             if d is not None:
                 self.metrics.legs.labels("split" if handoff else "whole").inc()
             if handoff:
@@ -97,11 +99,11 @@ class Legs:
         finally:
             self.hold.release(instance, run)
 
-    def _shed(self, run: Run, queued: int) -> None:
-        """Refuses the run when its first token, behind `queued` prompt tokens, is projected later than the TTFT
-        objective."""
+    def _shed(self, run: Run, queued: int, tokens: int) -> None:
+        """Refuses the run when its first token, behind `queued` prompt tokens and its own `tokens` (those the
+        instance's prefix cache does not hold), is projected later than the TTFT objective."""
         assert self.objectives.ttft_s is not None
-        waited, tokens = time.monotonic() - run.clock.arrival, len(run.context)
+        waited = time.monotonic() - run.clock.arrival
         pace = self.streams.pace.seconds_per_token
         hint = shed_after(waited, queued, tokens, pace, self.objectives.ttft_s, self.objectives.retry_floor_s)
         if hint is None:
@@ -110,7 +112,7 @@ class Legs:
         self.metrics.shed.inc()
         raise Overloaded(
             f"the first token could not come within the {self.objectives.ttft_s:g} s objective now: it is projected at "
-            f"{projected_ttft(waited, queued, tokens, pace):.2f} s ({queued} prompt tokens queued ahead of this one's "
-            f"{tokens}); retry in {hint:.2f} s",
+            f"{projected_ttft(waited, queued, tokens, pace):.2f} s ({queued} prompt tokens queued ahead of the "
+            f"{tokens} it computes); retry in {hint:.2f} s",
             retry_after_s=hint,
         )

@@ -7,8 +7,10 @@ prefill pace (`split.PrefillPace`: seconds per prompt token, learned from the pr
 
     projected TTFT = waited + pace * (queued + tokens)
 
-For a disaggregated leg `queued` is that of the least-queued prefill instance, so a request is refused only when
-no prefill instance could give it its first token in time. Without a pace measured yet, nothing is refused.
+`tokens` are the prompt tokens that instance computes: those its prefix cache holds (as far as the router tracks
+them) cost nothing. For a disaggregated leg the instance is the prefill instance with the least `queued + tokens`,
+so a request is refused only when no prefill instance could give it its first token in time. Without a pace
+measured yet, nothing is refused.
 
 A refused request's retry hint is the projected excess, `projected - ttft_s`: the time the queue ahead of it
 needs to drain by that much at the same pace (at least `floor_s`, the router's `retry_after_s`).

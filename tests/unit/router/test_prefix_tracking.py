@@ -6,9 +6,11 @@ from __future__ import annotations
 from common.results import EngineInfo
 from common.sampling import SamplingSpec
 from router.cleanups import Cleanups
+from router.handoff import Disaggregated, Handoff
 from router.metrics import RouterMetrics
 from router.placement import Placement, make_policy
 from router.placement.tracked import TrackedPrefixes, block_hashes, skipped_tokens
+from router.receive_budget import ReceiveBudget
 from router.registry import Instance, Registry
 from router.request import Request
 from router.run import Run
@@ -119,3 +121,21 @@ def test_a_legs_placement_hashes_its_context_once_per_leg():
     run.generated = [7]  # a later leg continues from the prompt and the tokens sent: now three whole blocks
     run.legs = 2
     assert run.placement().prefix_hashes == block_hashes(prompt(1, 2, 7), B)
+
+
+def test_the_work_ahead_of_a_first_token_leaves_out_what_the_prefix_cache_holds():
+    warm, cold = instance("p0", "prefill"), instance("p1", "prefill")
+    decode = instance("d0", "decode", prefix_caching=False)
+    turn1 = prompt(1, 2, 3, 4, 5, tail=2)  # 22 tokens
+    turn2 = placement_of(turn1 + [9] * 6 + prompt(6, 7, tail=4))  # 40 tokens, the first 5 blocks held on p0
+    warm.computes(placement_of(turn1))
+    assert warm.prefill_work(turn2) == (0, 40 - 5 * B)
+    assert cold.prefill_work(turn2) == (0, 40)
+    decode.computes(turn2)  # no prefix cache: it computes every token, every time
+    decode.queued_prefill_tokens = 7
+    assert decode.prefill_work(turn2) == (7, 40)
+    disaggregated = Disaggregated(Handoff(30.0, 0, ReceiveBudget(1 << 20), make_policy("least_outstanding")),
+                                  Registry([warm, cold, decode]), Streams(RouterMetrics(), Cleanups()), Cleanups())
+    assert disaggregated.least_work(turn2) == (0, 20)  # the shed projection's instance: the warm one
+    warm.queued_prefill_tokens = 21  # 21 + 20 > 0 + 40
+    assert disaggregated.least_work(turn2) == (0, 40)
