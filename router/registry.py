@@ -19,7 +19,7 @@ from typing import Any
 
 from common.results import EngineInfo, EngineStats
 from router.placement import InstanceSnapshot, Placement, Policy, RequestLoad, needs_detail
-from router.placement.prefix import cached_tokens
+from router.placement.prefix import uncached_tokens
 from router.placement.tracked import PrefixHit, TrackedPrefixes
 from router.predictor.prediction import LengthPrediction, remaining
 
@@ -74,7 +74,7 @@ class Instance:
     def prefill_work(self, placement: Placement) -> tuple[int, int]:
         """(prompt tokens queued here, tokens of the placement's prompt this instance would compute: those its
         prefix cache holds left out)."""
-        return self.queued_prefill_tokens, placement.prompt_tokens - cached_tokens(placement, self.prefixes.held)
+        return self.queued_prefill_tokens, uncached_tokens(placement, self.prefixes.held)
 
     def restarted(self, info: EngineInfo) -> None:
         """The worker started again with a fresh engine, described by `info`: nothing of its cache is left."""

@@ -33,8 +33,13 @@ def cached_tokens(placement: Placement, cached: AbstractSet[int]) -> int:
     return skipped_tokens(placement, leading_blocks(hashes, cached))
 
 
+def uncached_tokens(placement: Placement, cached: AbstractSet[int]) -> int:
+    """Prompt tokens an instance caching `cached` computes."""
+    return placement.prompt_tokens - cached_tokens(placement, cached)
+
+
 def prefill_work(snapshot: InstanceSnapshot, placement: Placement) -> int:
-    return snapshot.queued_prefill_tokens + placement.prompt_tokens - cached_tokens(placement, snapshot.cached_prefixes)
+    return snapshot.queued_prefill_tokens + uncached_tokens(placement, snapshot.cached_prefixes)
 
 
 def _by_queue(s: InstanceSnapshot) -> tuple[float, InstanceSnapshot]:
