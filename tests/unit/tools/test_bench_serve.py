@@ -224,6 +224,20 @@ def test_write_plots_draws_a_cdf_per_rate_and_the_rate_plot_for_a_search(tmp_pat
     assert all(p.read_bytes().startswith(b"\x89PNG\r\n\x1a\n") for p in paths)
 
 
+def test_write_plots_draws_the_rate_plot_for_two_finite_rates_and_not_for_one_beside_inf(tmp_path):
+    pytest.importorskip("matplotlib")
+    from pdserve_tools.bench.plots import write_plots
+
+    def runs(*rates: str) -> dict[str, object]:
+        run = {"ttfts_ms": [10.0], "tpots_ms": [5.0], "request_goodput": 1.0, "slo_attainment": 1.0}
+        return {"args": {}, "results": {"a": {r: dict(run, rate_rps=r) for r in rates}}}
+
+    paths = write_plots(runs("1", "2"), tmp_path / "two", "serve")
+    assert [p.name for p in paths] == ["serve-cdf-1.png", "serve-cdf-2.png", "serve-rates.png"]
+    paths = write_plots(runs("1", "inf"), tmp_path / "inf", "serve")
+    assert [p.name for p in paths] == ["serve-cdf-1.png", "serve-cdf-inf.png"]  # one finite rate: nothing to plot
+
+
 def test_target_specs_refuse_unknown_targets_and_grpc_for_vllm_peers():
     from pdserve.config import config_from_dict
     from pdserve_tools.bench.serve_targets import TargetSpec
