@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -52,6 +53,15 @@ if TYPE_CHECKING:
     from vllm.v1.request import Request
 
 log = logging.getLogger(__name__)
+
+# The worker process's Python switch interval, in seconds, once its KV threads run (Python's default is 5 ms).
+# The sender and reader threads spend their time in socket calls that release the interpreter, and must take it
+# back after each one, several times per layer. While another thread of the process runs Python (the model
+# runner between its ops, vLLM's own threads), each such hand-back waits up to the switch interval: 30 layers of
+# 786 KB over loopback TCP went from 10 to 2 Gbit/s with one busy Python thread beside the sender or the reader
+# at 5 ms, and kept 6 to 15 Gbit/s at 0.1 to 0.2 ms (docs/benchmarks/transport.md). A thread that holds the
+# interpreter alone is not interrupted at all, so this costs only while threads contend.
+SWITCH_INTERVAL_S = 0.0002
 
 
 def transport_config(s: ConnectorSettings) -> TransportConfig:
@@ -157,6 +167,7 @@ class KVWorker:
 
     def __init__(self, s: ConnectorSettings, producer: bool, consumer: bool, num_blocks: int) -> None:
         config = transport_config(s)
+        sys.setswitchinterval(SWITCH_INTERVAL_S)  # before the threads start (see SWITCH_INTERVAL_S)
         self._num_blocks = num_blocks
         self._connect_timeout = s.transfer.connect_timeout_s
         self._plane = nccl_plane(s)
@@ -279,7 +290,7 @@ class KVWorker:
         return self.receiver.release(transfer_ids, len(self._layers)) if self.receiver is not None else 0
 
     def state(self) -> dict[str, int]:
-        state = {"outgoing": len(self._outgoing)}
+        state = {"outgoing": len(self._outgoing), "switch_interval_us": round(sys.getswitchinterval() * 1e6)}
         if self.receiver is not None:
             state.update(self.receiver.state())
         return state

@@ -23,7 +23,7 @@ class KVControl:
         return receiver.address if receiver is not None else ""
 
     def pdkv_state(self) -> dict[str, int]:
-        """Transfers in progress and bytes held in receive buffers."""
+        """Transfers in progress, bytes held in receive buffers, and the process's switch interval (µs)."""
         state: dict[str, int] = _worker().state()
         return state
 

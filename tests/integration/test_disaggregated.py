@@ -62,6 +62,19 @@ def test_every_instance_serves(disagg):
     assert len({f.decode_instance for f in finals}) == decode
 
 
+def test_engine_processes_hand_the_interpreter_to_kv_threads_quickly(disagg):
+    """Each worker's model-runner process runs with the connector's short switch interval, not Python's 5 ms."""
+    from kv_transfer.connector import SWITCH_INTERVAL_S
+
+    instances = disagg.router.registry.all()
+
+    async def states() -> list[dict[str, int]]:
+        return list(await asyncio.gather(*(i.handle.kv_state.remote() for i in instances)))
+
+    states = disagg.loop.run(states())
+    assert [s["switch_interval_us"] for s in states] == [round(SWITCH_INTERVAL_S * 1e6)] * len(instances)
+
+
 def test_first_token_arrives_before_the_decode_stream(disagg):
     with Client(disagg.target) as client:
         chunks = list(client.generate(prompts()[5], max_tokens=6, temperature=0.0, ignore_eos=True))
