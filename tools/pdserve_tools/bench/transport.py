@@ -8,7 +8,16 @@ landed; one warm-up round is dropped. Rounds alternate variants so that the mach
 Figures: the median GB/s of each variant, and per transport `ratio` = its median / raw's median, plus
 `paired_ratio`, the median of the per-round ratios. Payloads are checked by hash after the timed rounds.
 
+As a KV transfer runs inside an engine's worker process:
+- `messages`: a round moves `size_bytes` as that many keyed messages, one after the other (a request's layers).
+- `busy`: during the transports' rounds, a thread in each process runs Python without pause, as the engine's
+  own threads do between their ops. The transports' threads must take the interpreter back after every socket
+  call, and wait up to the process's switch interval for it. Raw rounds run without it.
+- `switch_intervals_s`: each transport runs once per switch interval (set in both processes for its rounds;
+  raw rounds run at Python's default), named `tcp@0.2ms` and so on when there are several.
+
     pdserve bench transport --size-mb 64 --repeats 15   (or: python -m pdserve_tools.bench.transport ...)
+    pdserve bench transport --size-mb 22.5 --messages 30 --busy --switch-interval-ms 5 0.2   (a 512-token prompt's KV)
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ import multiprocessing as mp
 import os
 import socket
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from multiprocessing.connection import Connection
@@ -35,6 +45,35 @@ from pdserve_tools.stats import percentile
 TRANSPORTS = ("tcp", "shm")
 TIMEOUT_S = 30.0
 KEY = b"bench"
+DEFAULT_SWITCH_INTERVAL_S = 0.005  # Python's
+
+
+class Spinner:
+    """A daemon thread that runs Python without pause while `on` is set (a stand-in for an engine's threads)."""
+
+    def __init__(self) -> None:
+        self.on = threading.Event()
+        threading.Thread(target=self._spin, name="bench-spinner", daemon=True).start()
+
+    def _spin(self) -> None:
+        total = 0
+        while self.on.wait():
+            for i in range(1000):
+                total += i
+
+
+def variant_name(transport: str, interval_s: float, several: bool) -> str:
+    return f"{transport}@{interval_s * 1e3:g}ms" if several else transport
+
+
+def parse_variant(name: str) -> tuple[str, float]:
+    """(transport, switch interval in seconds) of a variant name; raw and plain names run at Python's default."""
+    transport, _, interval = name.partition("@")
+    return transport, float(interval.removesuffix("ms")) / 1e3 if interval else DEFAULT_SWITCH_INTERVAL_S
+
+
+def message_keys(count: int) -> list[bytes]:
+    return [KEY + b"-%d" % i for i in range(count)]
 
 
 def split(view: memoryview, pieces: int) -> list[memoryview]:
@@ -43,8 +82,10 @@ def split(view: memoryview, pieces: int) -> list[memoryview]:
     return [view[i : i + step] for i in range(0, len(view), step)]
 
 
-def _child(ctl: Connection, secret: bytes, addresses: dict[str, object], size: int, pieces: int) -> None:
-    """The sender: connects every variant, then sends on each command until told to stop (commands are bytes)."""
+def _child(ctl: Connection, secret: bytes, addresses: dict[str, object], size: int, pieces: int, messages: int,
+           busy: bool) -> None:
+    """The sender: connects every transport, then sends on each command (a variant's name, as bytes) until told
+    to stop."""
     config = TransportConfig(Endpoint("bench-sender", 0), secret)
     raw = socket.create_connection(addresses["raw"], timeout=TIMEOUT_S)  # type: ignore[arg-type]
     raw.settimeout(None)  # blocking, as a plain socket is: timeout mode would poll before every send
@@ -55,13 +96,21 @@ def _child(ctl: Connection, secret: bytes, addresses: dict[str, object], size: i
         links["shm"] = shm.connect(addresses["shm"], config, TIMEOUT_S)  # type: ignore[arg-type]
     src = bytearray(os.urandom(min(size, 1 << 20))) * (size // (1 << 20) + 1)
     view = memoryview(src)[:size]
-    views = split(view, pieces)
+    bodies = [split(body, pieces) for body in split(view, messages)]
+    keys = message_keys(len(bodies))
+    spinner = Spinner()
     ctl.send_bytes(hashlib.sha256(view).digest())
     while (cmd := ctl.recv_bytes().decode()) != "stop":
+        transport, interval = parse_variant(cmd)
+        sys.setswitchinterval(interval)
         if cmd == "raw":
             raw.sendall(view)
-        else:
-            links[cmd].send(KEY, views, TIMEOUT_S)
+            continue
+        if busy:
+            spinner.on.set()
+        for key, views in zip(keys, bodies, strict=True):
+            links[transport].send(key, views, TIMEOUT_S)
+        spinner.on.clear()
     for link in links.values():
         link.close()
     raw.close()
@@ -76,16 +125,27 @@ def _recv_raw(sock: socket.socket, dst: memoryview) -> None:
         off += n
 
 
-def _round(name: str, ctl: Connection, raw: socket.socket, links: dict[str, Link], dst: memoryview) -> float:
+def _round(name: str, ctl: Connection, raw: socket.socket, links: dict[str, Link], dst: memoryview, messages: int,
+           spinner: Spinner | None) -> float:
+    transport, interval = parse_variant(name)
+    sys.setswitchinterval(interval)
     start = time.perf_counter()
     if name == "raw":
         ctl.send_bytes(b"raw")
         _recv_raw(raw, dst)
-    else:
-        links[name].expect(KEY, [dst])
-        ctl.send_bytes(name.encode())
-        links[name].wait(KEY, TIMEOUT_S)
-    return time.perf_counter() - start
+        return time.perf_counter() - start
+    link, keys = links[transport], message_keys(messages)
+    for key, part in zip(keys, split(dst, messages), strict=True):
+        link.expect(key, [part])
+    if spinner is not None:
+        spinner.on.set()
+    ctl.send_bytes(name.encode())
+    for key in keys:
+        link.wait(key, TIMEOUT_S)
+    seconds = time.perf_counter() - start
+    if spinner is not None:
+        spinner.on.clear()
+    return seconds
 
 
 def _summary(samples: dict[str, list[float]], size: int, repeats: int) -> dict[str, object]:
@@ -107,13 +167,18 @@ def _stats(values: list[float]) -> dict[str, object]:
 
 
 def measure(transports: Sequence[str] = TRANSPORTS, size_bytes: int = 64 << 20, repeats: int = 5,
-            pieces: int = 1) -> dict[str, object]:
-    """Median GB/s of raw loopback TCP and of each transport, and each transport's ratio to raw. The transports
-    get each message as `pieces` separate views (raw TCP always sends one buffer)."""
+            pieces: int = 1, messages: int = 1, busy: bool = False,
+            switch_intervals_s: Sequence[float] = (DEFAULT_SWITCH_INTERVAL_S,)) -> dict[str, object]:
+    """Median GB/s of raw loopback TCP and of each transport variant, and each variant's ratio to raw. The
+    transports get `size_bytes` as `messages` messages, each as `pieces` separate views (raw TCP always sends one
+    buffer); see the module docstring for `busy` and `switch_intervals_s`."""
     unknown = set(transports) - set(TRANSPORTS)
-    if unknown or size_bytes < 1 or repeats < 1 or not 1 <= pieces <= size_bytes:
-        raise ValueError(f"transports from {TRANSPORTS}, size_bytes >= 1, repeats >= 1 and 1 <= pieces <= size_bytes; "
-                         f"got {transports}, {size_bytes}, {repeats}, {pieces}")
+    if unknown or size_bytes < 1 or repeats < 1 or not 1 <= messages * pieces <= size_bytes:
+        raise ValueError(f"transports from {TRANSPORTS}, size_bytes >= 1, repeats >= 1 and "
+                         f"1 <= messages * pieces <= size_bytes; got {transports}, {size_bytes}, {repeats}, "
+                         f"{messages} x {pieces}")
+    if not switch_intervals_s or not all(0 < s <= 1 for s in switch_intervals_s):
+        raise ValueError(f"switch intervals are between 0 and 1 s, got {switch_intervals_s}")
     secret = os.urandom(32)
     config = TransportConfig(Endpoint("bench-receiver", 0), secret)
     raw_listener = socket.create_server(("127.0.0.1", 0))
@@ -123,10 +188,16 @@ def measure(transports: Sequence[str] = TRANSPORTS, size_bytes: int = 64 << 20, 
     addresses.update({name: listeners[name].address for name in transports})
     ctx = mp.get_context("spawn")
     ctl, child_ctl = ctx.Pipe()
-    child = ctx.Process(target=_child, args=(child_ctl, secret, addresses, size_bytes, pieces), daemon=True)
+    child = ctx.Process(target=_child, args=(child_ctl, secret, addresses, size_bytes, pieces, messages, busy),
+                        daemon=True)
     child.start()
+    several = len(switch_intervals_s) > 1
+    variants = [variant_name(t, s, several) for t in transports for s in switch_intervals_s]
     try:
-        return _run(ctl, raw_listener, {n: listeners[n] for n in transports}, size_bytes, repeats)
+        result = _run(ctl, raw_listener, {n: listeners[n] for n in transports}, size_bytes, repeats, variants,
+                      messages, Spinner() if busy else None)
+        result.update(messages=messages, pieces=pieces, busy=busy, switch_intervals_s=list(switch_intervals_s))
+        return result
     finally:
         for listener in listeners.values():
             listener.close()
@@ -134,10 +205,12 @@ def measure(transports: Sequence[str] = TRANSPORTS, size_bytes: int = 64 << 20, 
         child.join(TIMEOUT_S)
         if child.is_alive():
             child.kill()
+        sys.setswitchinterval(DEFAULT_SWITCH_INTERVAL_S)
 
 
 def _run(
-    ctl: Connection, raw_listener: socket.socket, listeners: dict[str, Listener[Any]], size: int, repeats: int
+    ctl: Connection, raw_listener: socket.socket, listeners: dict[str, Listener[Any]], size: int, repeats: int,
+    variants: list[str], messages: int, spinner: Spinner | None,
 ) -> dict[str, object]:
     raw, _ = raw_listener.accept()
     raw.settimeout(None)
@@ -147,10 +220,10 @@ def _run(
             raise TimeoutError("the sender did not start")
         digest = ctl.recv_bytes()
         dst = memoryview(bytearray(size))
-        samples: dict[str, list[float]] = {name: [] for name in ("raw", *links)}
+        samples: dict[str, list[float]] = {name: [] for name in ("raw", *variants)}
         for rnd in range(repeats + 1):
             for name in samples:
-                seconds = _round(name, ctl, raw, links, dst)
+                seconds = _round(name, ctl, raw, links, dst, messages, spinner)
                 if rnd:  # round 0 warms up pages and caches
                     samples[name].append(size / seconds / 1e9)
                 if rnd in (0, repeats) and hashlib.sha256(dst).digest() != digest:
@@ -170,15 +243,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--pieces", type=int, default=1,
                         help="hand each message to the transport as this many views (a KV layer: one per block)")
+    parser.add_argument("--messages", type=int, default=1,
+                        help="send each round's bytes as this many messages (a request's KV: one per layer)")
+    parser.add_argument("--busy", action="store_true",
+                        help="a thread in each process runs Python during the transports' rounds, as an engine's do")
+    parser.add_argument("--switch-interval-ms", type=float, nargs="+",
+                        default=[DEFAULT_SWITCH_INTERVAL_S * 1e3],
+                        help="run each transport at each of these Python switch intervals (default: Python's)")
     parser.add_argument("--transports", nargs="+", default=list(TRANSPORTS), choices=TRANSPORTS)
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
-    result = measure(args.transports, int(args.size_mb * (1 << 20)), args.repeats, args.pieces)
+    result = measure(args.transports, int(args.size_mb * (1 << 20)), args.repeats, args.pieces, args.messages,
+                     args.busy, [ms / 1e3 for ms in args.switch_interval_ms])
     rows: list[list[object]] = [["raw", result["raw"]["median"], "", ""]]  # type: ignore[index]
-    for name in args.transports:
-        entry = result[name]
-        rows.append([name, entry["median"], entry["ratio"], entry["paired_ratio"]])  # type: ignore[index]
-    print(f"{args.size_mb:g} MB in {args.pieces} piece(s) x {args.repeats} rounds, receiver-side median GB/s")
+    for name, entry in result.items():
+        if isinstance(entry, dict) and "ratio" in entry:
+            rows.append([name, entry["median"], entry["ratio"], entry["paired_ratio"]])
+    print(f"{args.size_mb:g} MB as {args.messages} message(s) of {args.pieces} piece(s) x {args.repeats} rounds"
+          f"{', a busy Python thread in each process' if args.busy else ''}; receiver-side median GB/s")
     print(table(["variant", "GB/s", "ratio", "paired_ratio"], rows))
     print(json.dumps(result))
     if args.json:
