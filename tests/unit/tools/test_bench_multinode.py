@@ -56,7 +56,7 @@ def measured_run() -> dict:
                           sample(10, 0.02, 0.0, delivered_s=1.2, delivered_exposed_s=0.24, early=True),
                           whole(10, 0.1), whole(10, 0.12), whole(10, 0.05, early=True)],
                     [request(0.15, 0.021, 0.05), request(0.18, 0.022, 0.06), request(0.2, 0.030, 0.07)],
-                    METRICS, raw_bytes=10_000_000, raw_seconds=(0.08, 0.08, 0.5))
+                    METRICS, raw_bytes=10_000_000, raw_seconds=(0.08, 0.08, 0.5), raw_beside_seconds=(0.16, 0.1))
     fast = Measured(None, [sample(10, 0.01, 0.0, delivered_s=1.0, delivered_exposed_s=0.0), whole(10, 0.01)] * 3,
                     [request(0.11, 0.020), request(0.12, 0.021), request(1.0, 0.0, error="DEADLINE_EXCEEDED")],
                     "", raw_bytes=10_000_000, raw_seconds=(0.008,))
@@ -70,6 +70,9 @@ def test_each_link_is_compared_with_its_raw_link_and_the_one_node_baseline():
     assert slow["kv_gbit"] == pytest.approx(0.8)  # the median whole-KV sample: 10 MB delivered in 0.1 s
     assert slow["raw_gbit"] == pytest.approx(1.0)  # the median raw send: 10 MB over 0.08 s
     assert slow["transfer_vs_raw"] == pytest.approx(0.8)
+    # the raw sends beside the deployment: 10 MB over 0.16 and 0.1 s, 0.5 and 0.8 Gbit/s, the median 0.65
+    assert slow["raw_beside_gbit"] == pytest.approx(0.65)
+    assert slow["transfer_vs_raw_beside"] == pytest.approx(0.8 / 0.65)
     assert slow["exposed_share"] == pytest.approx(0.2)  # median of 0.1, 0.5, 0.2 of the delivered spans
     assert slow["delivered_span_ms_p50"] == pytest.approx(1200.0)
     assert slow["delivered_bounded_whole"] == 1 and slow["delivered_bounded_layerwise"] == 1
@@ -81,6 +84,7 @@ def test_each_link_is_compared_with_its_raw_link_and_the_one_node_baseline():
     # the failed request counts as an error and is left out of the latencies
     assert fast["request_errors"] == 1 and fast["ttft_p50_s"] == pytest.approx(0.115)
     assert fast["transfer_vs_raw"] == pytest.approx(8.0 / 10.0)
+    assert fast["raw_beside_gbit"] is None and fast["transfer_vs_raw_beside"] is None  # none measured
 
 
 def test_the_send_time_figures_stay_beside_the_delivered_ones():

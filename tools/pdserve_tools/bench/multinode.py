@@ -9,8 +9,9 @@ the run starts a fresh two-node Ray cluster and, in it:
 2. `pdserve serve` in node A with the prefill pool on node A and the decode pool on node B (KV over the link);
    the probe (`multinode_probe`), run in node A, checks each worker's namespace, drives transfers directly and
    requests through the router, and reads the router's /metrics;
-3. once that deployment has stopped, the raw TCP throughput of the same link (`rawlink`): a plain socket send
-   from A to B of the size of one request's KV (the median; 64 KiB at least), `--raw-repeats` times.
+3. the raw TCP throughput of the same link (`rawlink`): a plain socket send from A to B of the size of one
+   request's KV (the median; 64 KiB at least), `--raw-repeats` times, once while that deployment is still up
+   (idle after its probe: the KV path's neighbours on these cores) and once after it has stopped.
 
 Then the cluster is torn down by process id (even when a step failed). The figures (`multinode_report`) go to
 `--out` as JSON and to stdout as tables; progress goes to stderr, each deployment's log to `--log-dir`.
@@ -80,7 +81,8 @@ def serve_config(c: Cluster, s: Settings, across: bool, namespace: str) -> dict[
 
 
 def deployment(c: Cluster, s: Settings, across: bool, gbit: float | None) -> Measured:
-    """One deployment served, probed and stopped; its records (raw sends not yet measured)."""
+    """One deployment served, probed and stopped; its records, with (across nodes) the raw sends made beside it
+    (those after it are not yet measured)."""
     layout = "across" if across else "one-node"
     namespace = f"pdserve-bench-{layout}"
     name = f"{layout}-{'unshaped' if gbit is None else f'{gbit:g}gbit'}"
@@ -100,11 +102,21 @@ def deployment(c: Cluster, s: Settings, across: bool, gbit: float | None) -> Mea
                           str(s.prompt_tokens), "--requests", str(s.requests), "--max-tokens", str(s.max_tokens),
                           timeout=PROBE_TIMEOUT_S, show_stderr=True)
         check_placement(c, report["instances"], across)
+        samples = [Sample(**{**d, "send_seconds": tuple(d["send_seconds"])}) for d in report["samples"]]
+        size, beside = raw_size(samples), tuple[float, ...]()
+        if across:
+            say(f"{link_name(gbit)}: raw TCP beside the deployment, {s.raw_repeats} sends of {size / 1e6:.1f} MB")
+            beside = tuple(raw_link(c, size, s.raw_repeats))
     finally:
         served.stop()
         log.write_text(served.output())
-    samples = [Sample(**{**d, "send_seconds": tuple(d["send_seconds"])}) for d in report["samples"]]
-    return Measured(gbit, samples, report["served"], report["metrics"], report["metrics_before"])
+    return Measured(gbit, samples, report["served"], report["metrics"], report["metrics_before"],
+                    raw_bytes=size if across else 0, raw_beside_seconds=beside)
+
+
+def raw_size(samples: list[Sample]) -> int:
+    """Bytes per raw send: one request's KV (the median), at least `MIN_RAW_BYTES`."""
+    return max(MIN_RAW_BYTES, int(percentile([float(x.bytes) for x in samples], 50)))
 
 
 def check_placement(c: Cluster, instances: list[dict[str, Any]], across: bool) -> None:
@@ -133,7 +145,7 @@ def raw_link(c: Cluster, size: int, repeats: int) -> list[float]:
 def one_link(s: Settings, gbit: float | None) -> tuple[Measured, Measured]:
     """A fresh two-node cluster with its link shaped to `gbit`: the one-node baseline and the across-nodes
     deployment, one after the other (the machine's load drifts: each link's ratios are to its own baseline), then
-    the raw sends."""
+    the raw sends once it has stopped."""
     a, b = node_pair(secrets.token_hex(3), RESOURCES, cpus=(2, 1), prefix="pdbm")  # A hosts both pools alone
     say(f"{link_name(gbit)}: starting a two-node cluster ({a.netns}, {b.netns})")
     with two_nodes(a, b) as c:
@@ -141,11 +153,10 @@ def one_link(s: Settings, gbit: float | None) -> tuple[Measured, Measured]:
             c.shape(gbit, s.burst_bytes)
         one = deployment(c, s, across=False, gbit=gbit)
         across = deployment(c, s, across=True, gbit=gbit)
-        size = max(MIN_RAW_BYTES, int(percentile([float(x.bytes) for x in across.samples], 50)))
-        say(f"{link_name(gbit)}: raw TCP, {s.raw_repeats} sends of {size / 1e6:.1f} MB")
-        seconds = raw_link(c, size, s.raw_repeats)
+        say(f"{link_name(gbit)}: raw TCP, {s.raw_repeats} sends of {across.raw_bytes / 1e6:.1f} MB")
+        seconds = raw_link(c, across.raw_bytes, s.raw_repeats)
     say(f"{link_name(gbit)}: done; cluster torn down")
-    return one, dataclasses.replace(across, raw_bytes=size, raw_seconds=tuple(seconds))
+    return one, dataclasses.replace(across, raw_seconds=tuple(seconds))
 
 
 def settings(args: argparse.Namespace) -> Settings:

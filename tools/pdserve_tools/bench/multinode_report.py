@@ -10,7 +10,9 @@ router's /metrics text, and, across nodes, the raw TCP sends of the same link. P
 - `kv_gbit`: KV bytes over (the decode had the last layer - the first byte was sent), with the whole KV sent
   after the forward (with layer-wise streaming that span is paced by the forward pass, not the link);
   `raw_gbit`: bytes over the seconds a plain socket send of a comparable size took until the receiver
-  acknowledged it; `transfer_vs_raw` = kv_gbit / raw_gbit (goal >= 0.8);
+  acknowledged it, once the deployment had stopped; `transfer_vs_raw` = kv_gbit / raw_gbit (goal >= 0.8);
+  `raw_beside_gbit` and `transfer_vs_raw_beside`: the same sends while the deployment was still up, idle after
+  its probe (its Ray nodes, router and engine processes on the same cores), as the KV path runs;
 - `exposed_share`: (the decode had the last layer - end of the forward) / (that - first byte sent), with
   layer-wise streaming: the part of the transfer the forward pass did not hide (goal <= 0.3);
 - `delivered_bounded_whole`, `delivered_bounded_layerwise`: samples whose every layer had already landed in the
@@ -65,7 +67,8 @@ class Measured:
     metrics: str  # the router's /metrics text after the run
     metrics_before: str = ""  # ... before the requests through the router (after the probe's own transfers)
     raw_bytes: int = 0  # bytes per raw send; 0: none measured (one node)
-    raw_seconds: Sequence[float] = field(default_factory=tuple)
+    raw_seconds: Sequence[float] = field(default_factory=tuple)  # once the deployment had stopped
+    raw_beside_seconds: Sequence[float] = field(default_factory=tuple)  # while it was up, idle
 
 
 def transfer_failures(metrics: str) -> int:
@@ -122,11 +125,14 @@ def transfer(m: Measured) -> dict[str, Any]:
     whole = [s for s in m.samples if not s.layerwise]
     kv = _median([g * 8 for g in _known([s.delivered_gbps for s in whole])])
     kv_send = _median([s.gbps * 8 for s in layerwise])
-    raw = _median([m.raw_bytes * 8 / s / 1e9 for s in m.raw_seconds if s > 0]) if m.raw_bytes else None
+    raw, beside = (_median([m.raw_bytes * 8 / s / 1e9 for s in seconds if s > 0]) if m.raw_bytes else None
+                   for seconds in (m.raw_seconds, m.raw_beside_seconds))
     return {
         "raw_gbit": raw,
         "kv_gbit": kv,
         "transfer_vs_raw": _ratio(kv, raw),
+        "raw_beside_gbit": beside,
+        "transfer_vs_raw_beside": _ratio(kv, beside),
         "exposed_share": _median(_known([s.delivered_exposed_share for s in layerwise])),
         "delivered_bounded_whole": sum(s.landed_early for s in whole),
         "delivered_bounded_layerwise": sum(s.landed_early for s in layerwise),
@@ -159,7 +165,8 @@ def _worst(values: list[float | None]) -> float | None:
 
 
 def one_node_figures(m: Measured) -> dict[str, Any]:
-    raw_only = ("raw_gbit", "transfer_vs_raw", "transfer_vs_raw_send", "raw_bytes_per_send")
+    raw_only = ("raw_gbit", "transfer_vs_raw", "raw_beside_gbit", "transfer_vs_raw_beside", "transfer_vs_raw_send",
+                "raw_bytes_per_send")
     return {**latency(m), **{k: v for k, v in transfer(m).items() if k not in raw_only}}
 
 
@@ -209,14 +216,16 @@ def _bounded(f: dict[str, Any]) -> str:
 def render(r: dict[str, Any]) -> str:
     """Two tables, transfer and latency, one row per link after the one-node baseline's."""
     base = r["one_node"]
-    rows = [["one node", "-", _f(base["kv_gbit"]), "-", _f(base["exposed_share"]), _bounded(base),
+    rows = [["one node", "-", "-", _f(base["kv_gbit"]), "-", "-", _f(base["exposed_share"]), _bounded(base),
              _f(base["kv_gbit_send"]), _f(base["exposed_share_send"]), _f(base["send_span_ms_p50"], 1),
              _f(base["kv_wait_ms_p50"], 1), str(base["transfer_failures"])]]
-    rows += [[f"two nodes, {link_name(f['link_gbit'])}", _f(f["raw_gbit"]), _f(f["kv_gbit"]),
-              _f(f["transfer_vs_raw"]), _f(f["exposed_share"]), _bounded(f), _f(f["kv_gbit_send"]),
+    rows += [[f"two nodes, {link_name(f['link_gbit'])}", _f(f["raw_gbit"]), _f(f["raw_beside_gbit"]), _f(f["kv_gbit"]),
+              _f(f["transfer_vs_raw"]), _f(f["transfer_vs_raw_beside"]), _f(f["exposed_share"]), _bounded(f),
+              _f(f["kv_gbit_send"]),
               _f(f["exposed_share_send"]), _f(f["send_span_ms_p50"], 1), _f(f["kv_wait_ms_p50"], 1),
               str(f["transfer_failures"])] for f in r["links"]]
-    transfer_table = table(["layout, link (tbf)", "raw Gbit/s", "KV Gbit/s", "KV/raw (>= 0.8)", "exposed (<= 0.3)",
+    transfer_table = table(["layout, link (tbf)", "raw Gbit/s", "raw beside", "KV Gbit/s", "KV/raw (>= 0.8)",
+                            "KV/raw beside", "exposed (<= 0.3)",
                             "bounded (whole+lw)", "in send: KV Gbit/s", "exposed", "send span ms", "KV wait ms",
                             "failures"], rows)
     rows = [[f"two nodes, {link_name(f['link_gbit'])}", _ms(f["one_node_ttft_p50_s"]), _ms(f["ttft_p50_s"]),
@@ -227,7 +236,8 @@ def render(r: dict[str, Any]) -> str:
                            "TPOT p50 ms: one node", "two nodes", "x (<= 1.1)", "decode step ms: one node",
                            "two nodes", "x", "request errors"], rows)
     met = ", ".join(f"{k} {'met' if v else 'NOT met'}" for k, v in r["met"].items())
-    note = ("KV Gbit/s, KV/raw and exposed are delivered figures (until the decode had the last layer); "
+    note = ("KV Gbit/s, KV/raw and exposed are delivered figures (until the decode had the last layer); raw: "
+            "once the deployment had stopped; raw beside: while it was up, idle; "
             "bounded: samples that landed before the decode posted its blocks, whose figures are bounds "
             "(KV Gbit/s low, exposed high)")
     lat_note = "each link's one-node baseline ran in the same cluster just before it"
