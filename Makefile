@@ -54,10 +54,12 @@ proto: $(STAMP)
 bench-overhead: $(STAMP)
 	$(BIN)/pdserve bench overhead
 
-# The README's serving table: pdserve (1P1D, colocated), vLLM (one server, two behind a proxy), vLLM's own
-# disaggregated example; SmolLM2 on this machine's cores, 40 requests of the mixed workload at 0.2 req/s each.
+# The README's serving table: pdserve (1P1D, 1P1D with the `sooner` split, colocated), vLLM (one server, two
+# behind a proxy), vLLM's own disaggregated example; SmolLM2 on this machine's cores, 40 requests of the mixed
+# workload at 0.2 req/s each.
 bench-serve: $(STAMP)
-	$(BIN)/pdserve bench serve --rate 0.2 --requests 40 --slo-ttft-ms 5000 --slo-tpot-ms 250
+	$(BIN)/pdserve bench serve --targets pdserve-disagg pdserve-sooner pdserve-colocated vllm vllm-2x vllm-disagg \
+		--rate 0.2 --requests 40 --slo-ttft-ms 5000 --slo-tpot-ms 250
 
 # Length-aware (projected_kv, with the committed predictor head) against least-outstanding decode placement, live:
 # SmolLM2 1P2D with little KV per decode engine, ShareGPT chats ending where the model ends them, 16 in flight.
