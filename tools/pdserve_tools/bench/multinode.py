@@ -103,15 +103,16 @@ def deployment(c: Cluster, s: Settings, across: bool, gbit: float | None) -> Mea
                           timeout=PROBE_TIMEOUT_S, show_stderr=True)
         check_placement(c, report["instances"], across)
         samples = [Sample(**{**d, "send_seconds": tuple(d["send_seconds"])}) for d in report["samples"]]
-        size, beside = raw_size(samples), tuple[float, ...]()
+        raw_bytes, beside = 0, tuple[float, ...]()
         if across:
-            say(f"{link_name(gbit)}: raw TCP beside the deployment, {s.raw_repeats} sends of {size / 1e6:.1f} MB")
-            beside = tuple(raw_link(c, size, s.raw_repeats))
+            raw_bytes = raw_size(samples)
+            say(f"{link_name(gbit)}: raw TCP beside the deployment, {s.raw_repeats} sends of {raw_bytes / 1e6:.1f} MB")
+            beside = tuple(raw_link(c, raw_bytes, s.raw_repeats))
     finally:
         served.stop()
         log.write_text(served.output())
     return Measured(gbit, samples, report["served"], report["metrics"], report["metrics_before"],
-                    raw_bytes=size if across else 0, raw_beside_seconds=beside)
+                    raw_bytes=raw_bytes, raw_beside_seconds=beside)
 
 
 def raw_size(samples: list[Sample]) -> int:

@@ -49,15 +49,23 @@ DEFAULT_SWITCH_INTERVAL_S = 0.005  # Python's
 
 
 class Spinner:
-    """A daemon thread that runs Python without pause while `on` is set (a stand-in for an engine's threads)."""
+    """Inside `with spinner:`, a daemon thread runs Python without pause (a stand-in for an engine's threads);
+    a spinner made with `enabled=False` does nothing."""
 
-    def __init__(self) -> None:
-        self.on = threading.Event()
-        threading.Thread(target=self._spin, name="bench-spinner", daemon=True).start()
+    def __init__(self, enabled: bool) -> None:
+        self._on = threading.Event()
+        if enabled:
+            threading.Thread(target=self._spin, name="bench-spinner", daemon=True).start()
+
+    def __enter__(self) -> None:
+        self._on.set()
+
+    def __exit__(self, *exc: object) -> None:
+        self._on.clear()
 
     def _spin(self) -> None:
         total = 0
-        while self.on.wait():
+        while self._on.wait():
             for i in range(1000):
                 total += i
 
@@ -98,7 +106,7 @@ def _child(ctl: Connection, secret: bytes, addresses: dict[str, object], size: i
     view = memoryview(src)[:size]
     bodies = [split(body, pieces) for body in split(view, messages)]
     keys = message_keys(len(bodies))
-    spinner = Spinner()
+    spinner = Spinner(busy)
     ctl.send_bytes(hashlib.sha256(view).digest())
     while (cmd := ctl.recv_bytes().decode()) != "stop":
         transport, interval = parse_variant(cmd)
@@ -106,11 +114,9 @@ def _child(ctl: Connection, secret: bytes, addresses: dict[str, object], size: i
         if cmd == "raw":
             raw.sendall(view)
             continue
-        if busy:
-            spinner.on.set()
-        for key, views in zip(keys, bodies, strict=True):
-            links[transport].send(key, views, TIMEOUT_S)
-        spinner.on.clear()
+        with spinner:
+            for key, views in zip(keys, bodies, strict=True):
+                links[transport].send(key, views, TIMEOUT_S)
     for link in links.values():
         link.close()
     raw.close()
@@ -126,7 +132,7 @@ def _recv_raw(sock: socket.socket, dst: memoryview) -> None:
 
 
 def _round(name: str, ctl: Connection, raw: socket.socket, links: dict[str, Link], dst: memoryview, messages: int,
-           spinner: Spinner | None) -> float:
+           spinner: Spinner) -> float:
     transport, interval = parse_variant(name)
     sys.setswitchinterval(interval)
     start = time.perf_counter()
@@ -137,15 +143,11 @@ def _round(name: str, ctl: Connection, raw: socket.socket, links: dict[str, Link
     link, keys = links[transport], message_keys(messages)
     for key, part in zip(keys, split(dst, messages), strict=True):
         link.expect(key, [part])
-    if spinner is not None:
-        spinner.on.set()
-    ctl.send_bytes(name.encode())
-    for key in keys:
-        link.wait(key, TIMEOUT_S)
-    seconds = time.perf_counter() - start
-    if spinner is not None:
-        spinner.on.clear()
-    return seconds
+    with spinner:
+        ctl.send_bytes(name.encode())
+        for key in keys:
+            link.wait(key, TIMEOUT_S)
+        return time.perf_counter() - start
 
 
 def _summary(samples: dict[str, list[float]], size: int, repeats: int) -> dict[str, object]:
@@ -195,7 +197,7 @@ def measure(transports: Sequence[str] = TRANSPORTS, size_bytes: int = 64 << 20, 
     variants = [variant_name(t, s, several) for t in transports for s in switch_intervals_s]
     try:
         result = _run(ctl, raw_listener, {n: listeners[n] for n in transports}, size_bytes, repeats, variants,
-                      messages, Spinner() if busy else None)
+                      messages, Spinner(busy))
         result.update(messages=messages, pieces=pieces, busy=busy, switch_intervals_s=list(switch_intervals_s))
         return result
     finally:
@@ -210,7 +212,7 @@ def measure(transports: Sequence[str] = TRANSPORTS, size_bytes: int = 64 << 20, 
 
 def _run(
     ctl: Connection, raw_listener: socket.socket, listeners: dict[str, Listener[Any]], size: int, repeats: int,
-    variants: list[str], messages: int, spinner: Spinner | None,
+    variants: list[str], messages: int, spinner: Spinner,
 ) -> dict[str, object]:
     raw, _ = raw_listener.accept()
     raw.settimeout(None)
