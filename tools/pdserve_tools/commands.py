@@ -7,6 +7,7 @@ import argparse
 from typing import Any
 
 from pdserve_tools.bench.external import add_parser as add_external
+from pdserve_tools.bench.goodput import add_parser as add_goodput
 from pdserve_tools.bench.overload import add_parser as add_overload
 from pdserve_tools.bench.prefill import add_parser as add_prefill
 from pdserve_tools.bench.serve import add_parser
@@ -44,6 +45,12 @@ def _bench_multinode(args: argparse.Namespace) -> int:
 
 def _bench_serve(args: argparse.Namespace) -> int:
     from pdserve_tools.bench.serve import main
+
+    return main(args)
+
+
+def _bench_goodput(args: argparse.Namespace) -> int:
+    from pdserve_tools.bench.goodput import main
 
     return main(args)
 
@@ -157,6 +164,7 @@ def add_commands(sub: Any) -> None:
     p.set_defaults(func=_calibrate)
 
     add_parser(bsub, _bench_serve)
+    add_goodput(bsub, _bench_goodput)
     add_overload(bsub, _bench_overload)
     add_external(bsub, _bench_external)
     add_prefill(bsub, _bench_prefill)

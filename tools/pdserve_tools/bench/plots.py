@@ -4,6 +4,8 @@ Contract. `write_plots(data, folder, stem)` writes, and returns the paths of:
 - `{stem}-cdf-{rate}.png` per offered rate: the empirical CDFs of TTFT and of TPOT, one line per target;
 - `{stem}-rates.png` when more than one finite rate was run or a goodput search was: goodput and SLO
   attainment against the offered rate, one line per target, every fixed-rate run and search probe a point.
+`write_attainment_plot(data, path)` draws a `pdserve bench goodput` result: SLO attainment against the offered
+rate, one panel per SLO, one line per target and seed, the target share dashed.
 matplotlib is imported here only, with its non-interactive Agg backend, so the benchmark runs without a display.
 """
 
@@ -90,3 +92,30 @@ def write_plots(data: dict[str, Any], folder: Path, stem: str) -> list[Path]:
     if len(finite) > 1 or data.get("search"):
         written.append(_rates_figure(data, folder / f"{stem}-rates.png"))
     return written
+
+
+def write_attainment_plot(data: dict[str, Any], path: Path) -> Path:
+    plt = _pyplot()
+    slos = data["slos"]
+    fig, axes = plt.subplots(1, len(slos), figsize=(5.5 * len(slos), 4), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, entry in zip(axes[0], slos, strict=True):
+        for i, (target, seeds) in enumerate(data["runs"].items()):
+            for j, runs in enumerate(seeds.values()):
+                rates = [float(r["rate_rps"]) for r in runs]
+                shares = [r["attainment"][entry["name"]] for r in runs]
+                ax.plot(rates, shares, marker="o", color=colors[i % len(colors)], alpha=0.8,
+                        label=target if j == 0 else None)
+        ax.axhline(data["target_share"], color="grey", linestyle="--", label="target share")
+        slo = entry["slo"]
+        ax.set_title(f"{entry['name']}: TTFT <= {slo['ttft_ms']:g} ms, TPOT <= {slo['tpot_ms']:g} ms")
+        ax.set_xlabel("offered rate (req/s)")
+        ax.set_ylabel("SLO attainment")
+        ax.set_ylim(0, 1.05)
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -29,7 +29,7 @@ import dataclasses
 import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -161,30 +161,37 @@ async def run_once(driver: Driver, plan: Plan, rate: float, label: str) -> Run:
     return run
 
 
-async def _search(driver: Driver, plan: Plan, label: str, result: TargetResult) -> SearchResult:
-    assert plan.search is not None
+def blocking_runs(driver: Driver, plan: Plan, label: str, sink: list[Run]) -> Callable[[float], list[RequestTrace]]:
+    """`run_once` for a caller on a worker thread (a search, a climb): each call runs the request set at a rate on
+    the event loop this is called from, waits for it, appends the run to `sink` and returns its traces."""
     loop = asyncio.get_running_loop()
 
-    def probe(rate: float) -> list[RequestTrace]:  # runs on a worker thread; the run itself on this loop
-        run = asyncio.run_coroutine_threadsafe(run_once(driver, plan, rate, f"{label} search"), loop).result()
-        result.probes.append(run)
-        return run.traces
+    def run(rate: float) -> list[RequestTrace]:
+        done = asyncio.run_coroutine_threadsafe(run_once(driver, plan, rate, label), loop).result()
+        sink.append(done)
+        return done.traces
 
-    return await asyncio.to_thread(goodput_search, probe, plan.slo, plan.search)
+    return run
+
+
+async def warm_up(driver: Driver, plan: Plan, name: str) -> None:
+    """A few requests outside the set, so that no run pays the target's first-request costs."""
+    for request in plan.warmup:
+        trace = await driver.send(request, plan.timeout)
+        if not trace.ok:
+            raise RuntimeError(f"{name}: a warm-up request failed ({trace.error}); see its logs")
 
 
 async def bench_target(spec: TargetSpec, plan: Plan) -> TargetResult:
     """Starts the target once, warms it up, runs every rate and the search, stops it."""
     result = TargetResult()
     async with started(spec) as driver:
-        for request in plan.warmup:
-            trace = await driver.send(request, plan.timeout)
-            if not trace.ok:
-                raise RuntimeError(f"{spec.name}: a warm-up request failed ({trace.error}); see its logs")
+        await warm_up(driver, plan, spec.name)
         for rate in plan.rates:
             result.runs.append(await run_once(driver, plan, rate, spec.name))
         if plan.search is not None:
-            result.search = await _search(driver, plan, spec.name, result)
+            probe = blocking_runs(driver, plan, f"{spec.name} search", result.probes)
+            result.search = await asyncio.to_thread(goodput_search, probe, plan.slo, plan.search)
     return result
 
 
