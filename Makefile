@@ -62,10 +62,10 @@ bench-serve: $(STAMP)
 		--rate 0.2 --requests 40 --slo-ttft-ms 5000 --slo-tpot-ms 250
 
 # Goodput as DistServe measures it: per target and SLO (loose 5 s / 250 ms, tight 2 s / 150 ms), the highest rate
-# keeping 90% of requests in the SLO; 24 requests of the mixed workload per run, rates climbed per seed.
+# keeping 90% of requests in the SLO; the mixed workload, 40 s of arrivals per rate, rates climbed per seed.
 bench-goodput: $(STAMP)
 	$(BIN)/pdserve bench goodput --targets pdserve-disagg pdserve-sooner pdserve-colocated vllm-2x vllm-disagg \
-		--requests 24 --seeds 0 1 --out bench-results/goodput.json
+		--seeds 0 1 2 --out bench-results/goodput.json
 
 # Length-aware (projected_kv, with the committed predictor head) against least-outstanding decode placement, live:
 # SmolLM2 1P2D with little KV per decode engine, ShareGPT chats ending where the model ends them, 16 in flight.

@@ -67,8 +67,8 @@ def test_bench_goodput_reads_every_slo_from_one_climb_per_seed(tiny_model, tmp_p
     out = tmp_path / "goodput.json"
     code = main(["bench", "goodput", "--config", str(config), "--targets", "pdserve-disagg", "--requests", "4",
                  "--dataset", "random", "--input-len", "32", "--output-len", "4", "--rates", "4", "2",
-                 "--seeds", "0", "1", "--slo", "never:1:1", "--slo", "easy:600000:600000", "--timeout", "120",
-                 "--out", str(out)])
+                 "--seeds", "0", "1", "--min-duration-s", "0", "--slo", "never:1:1", "--slo", "easy:600000:600000",
+                 "--timeout", "120", "--out", str(out)])
     assert code == 0
 
     data = json.loads(out.read_text())

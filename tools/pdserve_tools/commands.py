@@ -11,6 +11,7 @@ from pdserve_tools.bench.goodput import add_parser as add_goodput
 from pdserve_tools.bench.overload import add_parser as add_overload
 from pdserve_tools.bench.prefill import add_parser as add_prefill
 from pdserve_tools.bench.serve import add_parser
+from pdserve_tools.bench.transport import add_arguments as add_transport
 from pdserve_tools.chaos_command import add_parser as add_chaos
 from pdserve_tools.predictor.commands import add_parsers as add_predictor
 from pdserve_tools.sim.calibrate import add_arguments as add_calibrate
@@ -26,9 +27,7 @@ def _bench_overhead(args: argparse.Namespace) -> int:
 def _bench_transport(args: argparse.Namespace) -> int:
     from pdserve_tools.bench.transport import main
 
-    return main(["--size-mb", str(args.size_mb), "--repeats", str(args.repeats), "--pieces", str(args.pieces),
-                 "--messages", str(args.messages), *(["--busy"] if args.busy else []),
-                 "--switch-interval-ms", *map(str, args.switch_interval_ms), "--json", args.out])
+    return main(args)
 
 
 def _bench_transfer(args: argparse.Namespace) -> int:
@@ -120,15 +119,7 @@ def add_commands(sub: Any) -> None:
     b.add_argument("--out", default="bench-results/overhead.json")
     b.set_defaults(func=_bench_overhead)
     b = bsub.add_parser("transport", help="CPU KV transports (tcp, shm) against raw loopback TCP, side by side")
-    b.add_argument("--size-mb", type=float, default=64.0)
-    b.add_argument("--repeats", type=int, default=15)
-    b.add_argument("--pieces", type=int, default=1, help="each message as this many views (a KV layer: one per block)")
-    b.add_argument("--messages", type=int, default=1, help="each round as this many messages (a request's layers)")
-    b.add_argument("--busy", action="store_true",
-                   help="a thread in each process runs Python during the transports' rounds, as an engine's do")
-    b.add_argument("--switch-interval-ms", type=float, nargs="+", default=[5.0],
-                   help="run each transport at each of these Python switch intervals (Python's default: 5)")
-    b.add_argument("--out", default="bench-results/transport.json")
+    add_transport(b)
     b.set_defaults(func=_bench_transport)
     b = bsub.add_parser("transfer", help="KV transfer of real requests (1P1D) against raw loopback bandwidth, "
                         "and the transfer time layer-wise streaming hides")

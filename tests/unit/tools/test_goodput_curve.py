@@ -5,12 +5,16 @@ table's ratios are to the right peers."""
 from __future__ import annotations
 
 import argparse
+import asyncio
 import math
+import os
+import signal
 
 import pytest
 
-from pdserve_tools.bench.goodput import parse_slo, slo_rows
+from pdserve_tools.bench.goodput import Climb, parse_slo, slo_rows
 from pdserve_tools.bench.goodput_curve import Goodput, Point, climb, max_rate, median_goodput
+from pdserve_tools.bench.serve import run_to_end
 from pdserve_tools.bench.serve_metrics import RequestTrace
 from pdserve_tools.slo import Slo
 
@@ -50,18 +54,18 @@ def test_the_climb_serves_every_slo_from_one_run_per_rate_and_stops_once_all_mis
     good = {0.1: 10, 0.2: 10, 0.4: 9, 0.8: 5, 1.6: 0}  # and from 0.8 on, half the requests miss both
     ran: list[float] = []
 
-    def run(rate: float) -> list[RequestTrace]:
+    async def run(rate: float) -> list[RequestTrace]:
         ran.append(rate)
         return _traces(ttft[rate], good[rate])
 
-    points = climb(run, {"loose": loose, "tight": tight}, [1.6, 0.8, 0.4, 0.2, 0.1], 0.9)
+    points = asyncio.run(climb(run, {"loose": loose, "tight": tight}, [1.6, 0.8, 0.4, 0.2, 0.1], 0.9))
     assert ran == [0.1, 0.2, 0.4, 0.8]  # lowest first; 1.6 is not run once both missed at 0.8
     assert points["loose"] == [Point(0.1, 1.0), Point(0.2, 1.0), Point(0.4, 0.9), Point(0.8, 0.5)]
     assert points["tight"] == [Point(0.1, 1.0), Point(0.2, 0.0), Point(0.4, 0.0), Point(0.8, 0.0)]
     assert max_rate(points["loose"], 0.9).rate_rps == pytest.approx(0.4)
     assert max_rate(points["tight"], 0.9).rate_rps == pytest.approx(0.1 + 0.1 * 0.1)
     with pytest.raises(ValueError, match="finite positive rates"):
-        climb(run, {"loose": loose}, [0.1, math.inf], 0.9)
+        asyncio.run(climb(run, {"loose": loose}, [0.1, math.inf], 0.9))
 
 
 def test_seeds_meet_at_the_lower_median_with_its_flags():
@@ -90,3 +94,36 @@ def test_an_slo_is_named_with_both_objectives_in_milliseconds():
     for bad in ("tight:2000", ":2000:150", "tight:2s:150", "tight:0:150", "tight:2000:inf"):
         with pytest.raises(argparse.ArgumentTypeError, match="NAME:TTFT_MS:TPOT_MS"):
             parse_slo(bad)
+
+
+def test_a_run_sends_enough_requests_to_keep_arriving_for_the_minimum_duration():
+    climbing = Climb({}, [], [0.5, 3.0], 0.9, least=24, min_duration_s=40.0)
+    assert climbing.requests_at(0.25) == 24  # 96 s of arrivals already
+    assert climbing.requests_at(3.0) == 120
+    assert climbing.requests_at(0.61) == 25  # rounded up
+
+
+def test_sigterm_cancels_a_benchmark_so_its_cleanup_runs():
+    """The handler run_to_end installs turns SIGTERM into cancellation: the `finally` that stops a target's servers
+    runs (and may await), and the benchmark exits with a message instead of dying with its servers left behind."""
+    cleaned: list[str] = []
+    started = asyncio.Event()
+
+    async def bench() -> None:
+        try:
+            started.set()
+            await asyncio.Event().wait()  # a run that would go on for ever
+        finally:
+            await asyncio.sleep(0)  # stopping a server awaits
+            cleaned.append("stopped")
+
+    async def main() -> None:
+        task = asyncio.ensure_future(bench())
+        await started.wait()
+        os.kill(os.getpid(), signal.SIGTERM)
+        await task
+
+    with pytest.raises(SystemExit, match="stopped by SIGTERM"):
+        run_to_end(main())
+    assert cleaned == ["stopped"]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone again

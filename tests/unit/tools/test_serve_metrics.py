@@ -1,3 +1,4 @@
+import asyncio
 import json
 import math
 
@@ -151,14 +152,22 @@ def _synthetic(rate: float, boundary: float = 6.0) -> list[RequestTrace]:
     return [_trace(i * 0.01, 0.1 if i < good else 1.0, (0.01,)) for i in range(1000)]
 
 
+async def _async_synthetic(rate: float) -> list[RequestTrace]:
+    return _synthetic(rate)
+
+
+async def _no_traces(rate: float) -> list[RequestTrace]:
+    return []
+
+
 def test_goodput_search_finds_the_boundary_within_tolerance():
     calls: list[float] = []
 
-    def run(rate: float) -> list[RequestTrace]:
+    async def run(rate: float) -> list[RequestTrace]:
         calls.append(rate)
         return _synthetic(rate)
 
-    result = goodput_search(run, SEARCH_SLO, SearchConfig(low_rps=1.0, high_rps=20.0, tolerance_rps=0.01))
+    result = asyncio.run(goodput_search(run, SEARCH_SLO, SearchConfig(low_rps=1.0, high_rps=20.0, tolerance_rps=0.01)))
     assert result.rate_rps is not None and 6.0 - 0.01 < result.rate_rps <= 6.0
     assert not result.saturated
     assert len(calls) <= 2 + math.ceil(math.log2(19.0 / 0.01))
@@ -170,16 +179,16 @@ def test_goodput_search_finds_the_boundary_within_tolerance():
 
 
 def test_goodput_search_reports_no_rate_and_saturation():
-    below = goodput_search(_synthetic, SEARCH_SLO, SearchConfig(low_rps=7.0, high_rps=9.0))
+    below = asyncio.run(goodput_search(_async_synthetic, SEARCH_SLO, SearchConfig(low_rps=7.0, high_rps=9.0)))
     assert below.rate_rps is None and len(below.probes) == 1
-    above = goodput_search(_synthetic, SEARCH_SLO, SearchConfig(low_rps=1.0, high_rps=3.0))
+    above = asyncio.run(goodput_search(_async_synthetic, SEARCH_SLO, SearchConfig(low_rps=1.0, high_rps=3.0)))
     assert above.rate_rps == 3.0 and above.saturated and len(above.probes) == 2
 
 
 def test_goodput_search_needs_ttft_and_tpot_objectives_and_a_sane_range():
     with pytest.raises(ValueError, match="both a TTFT and a TPOT"):
-        goodput_search(_synthetic, Slo(ttft_s=0.5), SearchConfig(low_rps=1.0, high_rps=2.0))
+        asyncio.run(goodput_search(_async_synthetic, Slo(ttft_s=0.5), SearchConfig(low_rps=1.0, high_rps=2.0)))
     with pytest.raises(ValueError, match="low_rps < high_rps"):
         SearchConfig(low_rps=2.0, high_rps=1.0)
     with pytest.raises(ValueError, match="no traces"):
-        goodput_search(lambda rate: [], SEARCH_SLO, SearchConfig(low_rps=1.0, high_rps=2.0))
+        asyncio.run(goodput_search(_no_traces, SEARCH_SLO, SearchConfig(low_rps=1.0, high_rps=2.0)))

@@ -1,11 +1,12 @@
 """`pdserve bench goodput`: goodput as DistServe measures it, for pdserve and plain vLLM side by side.
 
 Contract. For each target (`--targets`, as in `bench serve`; each started once and warmed up) and each seed
-(`--seeds`: its own request set and arrival times), the request set runs at the offered rates (`--rates`) lowest
-first, once each, until a rate at which every SLO kept fewer than `--target-share` of requests (`goodput_curve
-.climb`). Each SLO (`--slo NAME:TTFT_MS:TPOT_MS`, several; loose and tight by default) reads its own attainment
-curve from the same runs, and its goodput is the rate where that curve crosses the target share (`max_rate`).
-A target's goodput per SLO is the lower median over seeds.
+(`--seeds`: its own request set and arrival times), the request set runs at the offered rates (`--rates`)
+lowest first, once each (`--requests` at least, and enough to keep arriving for `--min-duration-s`), until a
+rate at which every SLO kept fewer than `--target-share` of requests (`goodput_curve.climb`). Each SLO (`--slo
+NAME:TTFT_MS:TPOT_MS`, several; loose and tight by default) reads its own attainment curve from the same runs,
+and its goodput is the rate where that curve crosses the target share (`max_rate`). A target's goodput per SLO
+is the lower median over seeds. Ctrl-C or SIGTERM stops the target running before the benchmark exits.
 
 pdserve targets run with `router.slo.tpot_ms` set to the tightest TPOT objective (what `split_policy: sooner`
 keeps).
@@ -15,13 +16,12 @@ plain-vLLM target run; `--out` JSON with `slos`: per SLO `{"name", "slo": {"ttft
 {target: req/s or None}, "saturated": {target: bool}, "per_seed": {target: [..]}}`, and `runs` (per target and
 seed, each rate's attainment per SLO and its `bench serve` metrics); `{stem}-attainment.png` beside it.
 
-    pdserve bench goodput --requests 24 --seeds 0 1 2 [--targets ...] [--rates 0.1 0.2 ...]
+    pdserve bench goodput --seeds 0 1 2 [--targets ...] [--rates 0.5 1 ...] [--requests 24 --min-duration-s 40]
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
 import math
 from collections.abc import Mapping, Sequence
@@ -32,8 +32,9 @@ from typing import Any
 from pdserve.config import SloConfig, load_config
 from pdserve_tools.bench.goodput_curve import Goodput, Point, attainment, climb, max_rate, median_goodput
 from pdserve_tools.bench.report import table, write_json
-from pdserve_tools.bench.serve import Plan, Run, blocking_runs, positive_int, rate_key, warm_up
+from pdserve_tools.bench.serve import Plan, Run, positive_int, rate_key, run_once, run_to_end, warm_up
 from pdserve_tools.bench.serve_data import add_dataset_arguments, build_requests, describe, warmup_requests
+from pdserve_tools.bench.serve_metrics import RequestTrace
 from pdserve_tools.bench.serve_targets import CLIENTS, PEER_TARGETS, TARGETS, TargetSpec, started
 from pdserve_tools.bench.workload import ArrivalConfig
 from pdserve_tools.slo import Slo
@@ -42,7 +43,7 @@ DEFAULT_TARGETS = ["pdserve-disagg", "pdserve-sooner", "pdserve-colocated", "vll
 # DistServe's two kinds of objective; the tight one's TPOT sits about 3x above a decode step of SmolLM2 on one of
 # this machine's cores with a few requests in the batch (50-65 ms), its TTFT about 4x a 400-token prefill.
 DEFAULT_SLOS = ["loose:5000:250", "tight:2000:150"]
-DEFAULT_RATES = [0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0]
+DEFAULT_RATES = [0.4, 0.7, 1.0, 1.3, 1.6, 2.0, 2.5, 3.0]
 BASELINE = "vllm-2x"
 
 
@@ -81,24 +82,63 @@ def finite_rate(text: str) -> float:
     return rate
 
 
+def non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
+    return value
+
+
 @dataclass
 class SeedResult:
     points: dict[str, list[Point]]  # per SLO name
     runs: list[Run]
 
 
-async def bench_target(spec: TargetSpec, plans: Mapping[int, Plan], slos: Sequence[NamedSlo], rates: Sequence[float],
-                       share: float) -> dict[int, SeedResult]:
-    """Starts the target once, warms it up, climbs the rates once per seed, stops it."""
+def requests_at(rate: float, least: int, min_duration_s: float) -> int:
+    """Requests in a run at `rate`: at least `least`, and enough to keep arriving for `min_duration_s`, so that a
+    queue a target cannot keep up with grows for that long instead of ending with a short burst."""
+    return max(least, math.ceil(rate * min_duration_s))
+
+
+@dataclass(frozen=True)
+class Climb:
+    """What every target is put through, per seed."""
+
+    plans: Mapping[int, Plan]  # per seed: its request set (enough for the highest rate) and arrival seed
+    slos: Sequence[NamedSlo]
+    rates: Sequence[float]
+    share: float  # of requests that must meet an SLO
+    least: int  # requests per run, at least
+    min_duration_s: float  # and enough to keep arriving this long
+
+    def requests_at(self, rate: float) -> int:
+        """Requests in a run at `rate`: at least `least`, and enough to keep arriving for `min_duration_s`, so
+        that a queue a target cannot keep up with grows that long instead of ending with a short burst."""
+        return max(self.least, math.ceil(rate * self.min_duration_s))
+
+
+async def bench_target(spec: TargetSpec, climbing: Climb) -> dict[int, SeedResult]:
+    """Starts the target once, warms it up, climbs the rates once per seed, stops it. A run at a rate sends the
+    first `requests_at(rate)` requests of the seed's set."""
     out: dict[int, SeedResult] = {}
-    by_name = {s.name: s.slo for s in slos}
+    by_name = {s.name: s.slo for s in climbing.slos}
     async with started(spec) as driver:
-        await warm_up(driver, next(iter(plans.values())), spec.name)
-        for seed, plan in plans.items():
+        await warm_up(driver, next(iter(climbing.plans.values())), spec.name)
+        for seed, plan in climbing.plans.items():
             runs: list[Run] = []
-            run = blocking_runs(driver, plan, f"{spec.name} seed {seed}", runs)
-            points = await asyncio.to_thread(climb, run, by_name, rates, share)
-            out[seed] = SeedResult(points, runs)
+
+            async def run(rate: float, plan: Plan = plan, label: str = f"{spec.name} seed {seed}",
+                          runs: list[Run] = runs) -> list[RequestTrace]:
+                sent = dataclasses.replace(plan, requests=plan.requests[:climbing.requests_at(rate)])
+                done = await run_once(driver, sent, rate, label)
+                runs.append(done)
+                return done.traces
+
+            out[seed] = SeedResult(await climb(run, by_name, climbing.rates, climbing.share), runs)
     return out
 
 
@@ -157,8 +197,9 @@ def to_json(args: argparse.Namespace, slos: Sequence[NamedSlo], results: Mapping
 
 def print_report(args: argparse.Namespace, slos: Sequence[NamedSlo], results: Mapping[str, Mapping[int, SeedResult]],
                  share: float) -> None:
-    print(f"\n{args.requests} requests per run ({describe(args)}), seeds {' '.join(map(str, args.seeds))}, "
-          f"rates {' '.join(f'{r:g}' for r in sorted(args.rates))} req/s, lowest first until every SLO is missed; "
+    rates = " ".join(f"{r:g}" for r in sorted(args.rates))
+    print(f"\nmax({args.requests}, rate x {args.min_duration_s:g} s) requests per run ({describe(args)}), "
+          f"seeds {' '.join(map(str, args.seeds))}, rates {rates} req/s, lowest first until every SLO is missed; "
           f"goodput: the rate keeping >= {share:.0%} of requests in the SLO ('+': every rate run kept it, "
           "'below': the lowest did not)")
     for s in slos:
@@ -177,14 +218,16 @@ def main(args: argparse.Namespace) -> int:
     logs = Path(args.out).parent / f"{Path(args.out).stem}-logs"
     specs = [TargetSpec(name, base, args.model, args.client, logs, args.in_process) for name in args.targets]
     engine = specs[0].engine
+    least = args.requests
+    most = max(least, math.ceil(max(args.rates) * args.min_duration_s))
     plans = {}
     for seed in args.seeds:
-        requests = build_requests(argparse.Namespace(**{**vars(args), "seed": seed}), engine,
+        requests = build_requests(argparse.Namespace(**{**vars(args), "seed": seed, "requests": most}), engine,
                                   base.router.max_tokens_limit)
         plans[seed] = Plan(requests, warmup_requests(seed), (), ArrivalConfig(math.inf, 1.0, seed), None,
                            args.timeout, slos[0].slo, None)
-    results = {spec.name: asyncio.run(bench_target(spec, plans, slos, args.rates, args.target_share))
-               for spec in specs}
+    climbing = Climb(plans, slos, args.rates, args.target_share, least, args.min_duration_s)
+    results = {spec.name: run_to_end(bench_target(spec, climbing)) for spec in specs}
     print_report(args, slos, results, args.target_share)
     data = to_json(args, slos, results, args.target_share)
     print(f"wrote {write_json(args.out, data)}")
@@ -204,7 +247,9 @@ def add_parser(bsub: Any, func: Any) -> None:
     b.add_argument("--in-process", action="store_true",
                    help="deploy pdserve targets in the benchmark's process (default: `pdserve serve` in its own)")
     add_dataset_arguments(b)
-    b.add_argument("--requests", type=positive_int, default=24, help="requests per run")
+    b.add_argument("--requests", type=positive_int, default=24, help="requests per run, at least")
+    b.add_argument("--min-duration-s", type=non_negative, default=40.0,
+                   help="and enough requests to keep arriving this long at each rate (rate x this)")
     b.add_argument("--rates", type=finite_rate, nargs="+", default=DEFAULT_RATES, help="offered rates, req/s")
     b.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one request set and schedule each")
     b.add_argument("--slo", type=parse_slo, action="append",

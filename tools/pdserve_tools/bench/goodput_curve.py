@@ -8,16 +8,16 @@ Contract.
   `target` and returns where it crosses `target`: linearly interpolated between the last point at or above it
   and that first point below it. `Goodput.rate_rps` is None when even the lowest rate missed (the limit lies
   below the range run); `saturated` when no rate missed (the limit lies at or above the highest rate run).
-- `climb(run, slos, rates, target)` runs the rates lowest first, each once, and stops after the first rate at
-  which every SLO missed `target`: a higher rate is taken to miss too, and is not run. One run serves every SLO.
-  It returns each SLO's points, in the order run.
+- `climb(run, slos, rates, target)` runs the rates lowest first, each once (`await run(rate)`: the request set's
+  traces at that rate), and stops after the first rate at which every SLO missed `target`: a higher rate is taken
+  to miss too, and is not run. One run serves every SLO. It returns each SLO's points, in the order run.
 - `median_goodput(results)`: the lower median over seeds (an entry that exists, with its flags), ordered by rate,
   a limit below the range lowest and a saturated one above an unsaturated one at the same rate.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from pdserve_tools.bench.serve_metrics import RequestTrace, summarize
@@ -63,15 +63,15 @@ def attainment(traces: Sequence[RequestTrace], slo: Slo) -> float:
     return summarize(traces, slo=slo).slo_attainment or 0.0
 
 
-def climb(run: Callable[[float], Sequence[RequestTrace]], slos: Mapping[str, Slo], rates: Sequence[float],
-          target: float) -> dict[str, list[Point]]:
+async def climb(run: Callable[[float], Awaitable[Sequence[RequestTrace]]], slos: Mapping[str, Slo],
+                rates: Sequence[float], target: float) -> dict[str, list[Point]]:
     if not slos:
         raise ValueError("climb needs at least one SLO")
     if not rates or any(not 0 < r < float("inf") for r in rates):
         raise ValueError(f"climb needs finite positive rates, got {list(rates)}")
     points: dict[str, list[Point]] = {name: [] for name in slos}
     for rate in sorted(rates):
-        traces = run(rate)
+        traces = await run(rate)
         for name, slo in slos.items():
             points[name].append(Point(rate, attainment(traces, slo)))
         if all(p[-1].attainment < target for p in points.values()):

@@ -27,12 +27,13 @@ import argparse
 import asyncio
 import dataclasses
 import math
+import signal
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from tqdm import tqdm
 
@@ -52,6 +53,7 @@ from pdserve_tools.bench.serve_targets import CLIENTS, TARGETS, Driver, TargetSp
 from pdserve_tools.bench.workload import ArrivalConfig, BenchRequest, arrival_times
 from pdserve_tools.slo import Slo
 
+T = TypeVar("T")
 REFERENCE = "pdserve-disagg"
 HEARTBEAT_S = 1.5  # a little over the router's heartbeat period: engine counters it reports are this fresh
 
@@ -161,17 +163,23 @@ async def run_once(driver: Driver, plan: Plan, rate: float, label: str) -> Run:
     return run
 
 
-def blocking_runs(driver: Driver, plan: Plan, label: str, sink: list[Run]) -> Callable[[float], list[RequestTrace]]:
-    """`run_once` for a caller on a worker thread (a search, a climb): each call runs the request set at a rate on
-    the event loop this is called from, waits for it, appends the run to `sink` and returns its traces."""
-    loop = asyncio.get_running_loop()
+def run_to_end(main: Coroutine[Any, Any, T]) -> T:
+    """`asyncio.run(main)`, with SIGTERM handled as Ctrl-C is: `main` is cancelled, so the target running stops its
+    server processes before the benchmark exits (SystemExit, with a message) instead of leaving them behind."""
 
-    def run(rate: float) -> list[RequestTrace]:
-        done = asyncio.run_coroutine_threadsafe(run_once(driver, plan, rate, label), loop).result()
-        sink.append(done)
-        return done.traces
+    async def guarded() -> T:
+        loop, task = asyncio.get_running_loop(), asyncio.current_task()
+        assert task is not None
+        loop.add_signal_handler(signal.SIGTERM, task.cancel)
+        try:
+            return await main
+        finally:
+            loop.remove_signal_handler(signal.SIGTERM)
 
-    return run
+    try:
+        return asyncio.run(guarded())
+    except asyncio.CancelledError:
+        raise SystemExit("stopped by SIGTERM; the target running was stopped") from None
 
 
 async def warm_up(driver: Driver, plan: Plan, name: str) -> None:
@@ -190,8 +198,12 @@ async def bench_target(spec: TargetSpec, plan: Plan) -> TargetResult:
         for rate in plan.rates:
             result.runs.append(await run_once(driver, plan, rate, spec.name))
         if plan.search is not None:
-            probe = blocking_runs(driver, plan, f"{spec.name} search", result.probes)
-            result.search = await asyncio.to_thread(goodput_search, probe, plan.slo, plan.search)
+            async def probe(rate: float) -> list[RequestTrace]:
+                run = await run_once(driver, plan, rate, f"{spec.name} search")
+                result.probes.append(run)
+                return run.traces
+
+            result.search = await goodput_search(probe, plan.slo, plan.search)
     return result
 
 
@@ -332,7 +344,7 @@ def main(args: argparse.Namespace) -> int:
     specs = [TargetSpec(name, base, args.model, args.client, logs, args.in_process) for name in args.targets]
     engine = specs[0].engine
     plan = make_plan(args, build_requests(args, engine, base.router.max_tokens_limit), warmup_requests(args.seed))
-    results = {spec.name: asyncio.run(bench_target(spec, plan)) for spec in specs}
+    results = {spec.name: run_to_end(bench_target(spec, plan)) for spec in specs}
     print_report(plan, results, describe(args))
     data = to_json(args, plan, results)
     print(f"wrote {write_json(args.out, data)}")

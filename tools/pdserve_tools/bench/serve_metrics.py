@@ -25,10 +25,10 @@ Definitions (vLLM `vllm/benchmarks/serve.py` and `lib/endpoint_request_func.py`)
   (a failed request misses), a figure vLLM does not print.
 
 `goodput_search(run, slo, config)` looks for the highest offered rate at which at least `config.target`
-(0.9) of the requests meet both a TTFT and a TPOT objective (DistServe's per-GPU goodput). `run` maps a rate
-to the traces of one benchmark at that rate (a real run, or a simulator). It assumes attainment falls as the
-rate rises: it probes `low_rps` and `high_rps`, then bisects the bracket [passing, failing] until it is
-narrower than `tolerance_rps`, and returns the highest passing rate probed, so the answer is within
+(0.9) of the requests meet both a TTFT and a TPOT objective (DistServe's per-GPU goodput); a coroutine.
+`await run(rate)` gives the traces of one benchmark at that rate (a real run, or a simulator). It assumes
+attainment falls as the rate rises: it probes `low_rps` and `high_rps`, then bisects the bracket [passing,
+failing] until it is narrower than `tolerance_rps`, and returns the highest passing rate probed, so the answer is within
 `tolerance_rps` below the boundary. That costs 2 + ceil(log2((high - low) / tolerance)) calls at most.
 With a noisy `run` the bracket holds a boundary, not necessarily the last one.
 """
@@ -36,7 +36,7 @@ With a noisy `run` the bracket holds a boundary, not necessarily the last one.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from pdserve_tools.slo import Slo, tpot
@@ -271,13 +271,14 @@ class SearchResult:
         return {"rate_rps": self.rate_rps, "saturated": self.saturated, "probes": [p.to_json() for p in self.probes]}
 
 
-def goodput_search(run: Callable[[float], Sequence[RequestTrace]], slo: Slo, config: SearchConfig) -> SearchResult:
+async def goodput_search(run: Callable[[float], Awaitable[Sequence[RequestTrace]]], slo: Slo,
+                         config: SearchConfig) -> SearchResult:
     if slo.ttft_s is None or slo.tpot_s is None:
         raise ValueError("goodput search needs both a TTFT and a TPOT objective")
     probes: list[Probe] = []
 
-    def passes(rate: float) -> bool:
-        traces = run(rate)
+    async def passes(rate: float) -> bool:
+        traces = await run(rate)
         if not traces:
             raise ValueError(f"run({rate}) returned no traces")
         metrics = summarize(traces, slo=slo)
@@ -285,13 +286,13 @@ def goodput_search(run: Callable[[float], Sequence[RequestTrace]], slo: Slo, con
         return (metrics.slo_attainment or 0.0) >= config.target
 
     lo, hi = config.low_rps, config.high_rps
-    if not passes(lo):
+    if not await passes(lo):
         return SearchResult(None, False, tuple(probes))
-    if passes(hi):
+    if await passes(hi):
         return SearchResult(hi, True, tuple(probes))
     while hi - lo > config.tolerance_rps:
         mid = (lo + hi) / 2
-        if passes(mid):
+        if await passes(mid):
             lo = mid
         else:
             hi = mid

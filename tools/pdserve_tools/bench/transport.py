@@ -239,10 +239,10 @@ def _run(
     return _summary(samples, size, repeats)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `pdserve bench transport` (and of this module run as a script)."""
     parser.add_argument("--size-mb", type=float, default=64.0)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--pieces", type=int, default=1,
                         help="hand each message to the transport as this many views (a KV layer: one per block)")
     parser.add_argument("--messages", type=int, default=1,
@@ -253,8 +253,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         default=[DEFAULT_SWITCH_INTERVAL_S * 1e3],
                         help="run each transport at each of these Python switch intervals (default: Python's)")
     parser.add_argument("--transports", nargs="+", default=list(TRANSPORTS), choices=TRANSPORTS)
-    parser.add_argument("--json", help="also write the results to this file")
-    args = parser.parse_args(argv)
+    parser.add_argument("--out", default="bench-results/transport.json", help="the JSON result")
+
+
+def main(args: argparse.Namespace) -> int:
     result = measure(args.transports, int(args.size_mb * (1 << 20)), args.repeats, args.pieces, args.messages,
                      args.busy, [ms / 1e3 for ms in args.switch_interval_ms])
     rows: list[list[object]] = [["raw", result["raw"]["median"], "", ""]]  # type: ignore[index]
@@ -265,10 +267,11 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{', a busy Python thread in each process' if args.busy else ''}; receiver-side median GB/s")
     print(table(["variant", "GB/s", "ratio", "paired_ratio"], rows))
     print(json.dumps(result))
-    if args.json:
-        write_json(args.json, result)
+    print(f"wrote {write_json(args.out, result)}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(cli)
+    sys.exit(main(cli.parse_args()))
