@@ -1,5 +1,5 @@
 """The `pdserve` sub-commands this distribution adds (entry-point group `pdserve.commands`): bench, sim,
-calibrate, chaos and predictor. Each command's module is imported only when the command runs."""
+calibrate, plan, chaos and predictor. Each command's module is imported only when the command runs."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from pdserve_tools.chaos_command import add_parser as add_chaos
 from pdserve_tools.predictor.commands import add_parsers as add_predictor
 from pdserve_tools.sim.calibrate import add_arguments as add_calibrate
 from pdserve_tools.sim.command import add_arguments as add_sim
+from pdserve_tools.sim.plan_command import add_arguments as add_plan
 
 
 def _bench_overhead(args: argparse.Namespace) -> int:
@@ -74,6 +75,12 @@ def _bench_external(args: argparse.Namespace) -> int:
 
 def _sim(args: argparse.Namespace) -> int:
     from pdserve_tools.sim.command import main
+
+    return main(args)
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from pdserve_tools.sim.plan_command import main
 
     return main(args)
 
@@ -153,6 +160,10 @@ def add_commands(sub: Any) -> None:
                        "on CPU; writes the cost file `pdserve sim --cost` reads")
     add_calibrate(p)
     p.set_defaults(func=_calibrate)
+    p = sub.add_parser("plan", help="how many of a budget of instances should prefill and how many decode: the cost "
+                       "model's estimate, checked and refined in the simulator")
+    add_plan(p)
+    p.set_defaults(func=_plan)
 
     add_parser(bsub, _bench_serve)
     add_goodput(bsub, _bench_goodput)
