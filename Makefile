@@ -62,7 +62,7 @@ bench-serve: $(STAMP)
 		--rate 0.2 --requests 40 --slo-ttft-ms 5000 --slo-tpot-ms 250
 
 # Goodput as DistServe measures it: per target and SLO (loose 5 s / 250 ms, tight 2 s / 150 ms), the highest rate
-# keeping 90% of requests in the SLO; the mixed workload, 40 s of arrivals per rate, rates climbed per seed.
+# keeping 90% of requests in the SLO; the mixed workload, 30 s of arrivals per rate, rates climbed per seed.
 bench-goodput: $(STAMP)
 	$(BIN)/pdserve bench goodput --targets pdserve-disagg pdserve-sooner pdserve-colocated vllm-2x vllm-disagg \
 		--seeds 0 1 2 --out bench-results/goodput.json

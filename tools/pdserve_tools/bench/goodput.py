@@ -16,7 +16,7 @@ plain-vLLM target run; `--out` JSON with `slos`: per SLO `{"name", "slo": {"ttft
 {target: req/s or None}, "saturated": {target: bool}, "per_seed": {target: [..]}}`, and `runs` (per target and
 seed, each rate's attainment per SLO and its `bench serve` metrics); `{stem}-attainment.png` beside it.
 
-    pdserve bench goodput --seeds 0 1 2 [--targets ...] [--rates 0.5 1 ...] [--requests 24 --min-duration-s 40]
+    pdserve bench goodput --seeds 0 1 2 [--targets ...] [--rates 0.5 1 ...] [--requests 24 --min-duration-s 30]
 """
 
 from __future__ import annotations
@@ -24,10 +24,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from tqdm import tqdm
 
 from pdserve.config import SloConfig, load_config
 from pdserve_tools.bench.goodput_curve import Goodput, Point, attainment, climb, max_rate, median_goodput
@@ -43,7 +46,7 @@ DEFAULT_TARGETS = ["pdserve-disagg", "pdserve-sooner", "pdserve-colocated", "vll
 # DistServe's two kinds of objective; the tight one's TPOT sits about 3x above a decode step of SmolLM2 on one of
 # this machine's cores with a few requests in the batch (50-65 ms), its TTFT about 4x a 400-token prefill.
 DEFAULT_SLOS = ["loose:5000:250", "tight:2000:150"]
-DEFAULT_RATES = [0.4, 0.7, 1.0, 1.3, 1.6, 2.0, 2.5, 3.0]
+DEFAULT_RATES = [0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0]
 BASELINE = "vllm-2x"
 
 
@@ -136,6 +139,9 @@ async def bench_target(spec: TargetSpec, climbing: Climb) -> dict[int, SeedResul
                 sent = dataclasses.replace(plan, requests=plan.requests[:climbing.requests_at(rate)])
                 done = await run_once(driver, sent, rate, label)
                 runs.append(done)
+                shares = ", ".join(f"{s.name} {attainment(done.traces, s.slo):.0%}" for s in climbing.slos)
+                tqdm.write(f"{label} @ {rate:g} req/s: {len(sent.requests)} requests, in SLO: {shares}",
+                           file=sys.stderr)
                 return done.traces
 
             out[seed] = SeedResult(await climb(run, by_name, climbing.rates, climbing.share), runs)
@@ -248,7 +254,7 @@ def add_parser(bsub: Any, func: Any) -> None:
                    help="deploy pdserve targets in the benchmark's process (default: `pdserve serve` in its own)")
     add_dataset_arguments(b)
     b.add_argument("--requests", type=positive_int, default=24, help="requests per run, at least")
-    b.add_argument("--min-duration-s", type=non_negative, default=40.0,
+    b.add_argument("--min-duration-s", type=non_negative, default=30.0,
                    help="and enough requests to keep arriving this long at each rate (rate x this)")
     b.add_argument("--rates", type=finite_rate, nargs="+", default=DEFAULT_RATES, help="offered rates, req/s")
     b.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one request set and schedule each")
