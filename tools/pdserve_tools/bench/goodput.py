@@ -46,7 +46,7 @@ DEFAULT_TARGETS = ["pdserve-disagg", "pdserve-sooner", "pdserve-colocated", "vll
 # DistServe's two kinds of objective; the tight one's TPOT sits about 3x above a decode step of SmolLM2 on one of
 # this machine's cores with a few requests in the batch (50-65 ms), its TTFT about 4x a 400-token prefill.
 DEFAULT_SLOS = ["loose:5000:250", "tight:2000:150"]
-DEFAULT_RATES = [0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0]
+DEFAULT_RATES = [0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0]
 BASELINE = "vllm-2x"
 
 
