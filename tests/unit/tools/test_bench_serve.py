@@ -12,8 +12,8 @@ import pytest
 from pdserve_tools.bench.plots import cdf, rate_points
 from pdserve_tools.bench.serve import (
     Plan,
+    parse_finite_rate,
     parse_rate,
-    parse_search_rate,
     reference_of,
     run_once,
     search_rows,
@@ -39,7 +39,7 @@ def test_rates_accept_inf_and_refuse_non_positive_or_garbage():
         with pytest.raises(argparse.ArgumentTypeError):
             parse_rate(bad)
     with pytest.raises(argparse.ArgumentTypeError, match="finite"):
-        parse_search_rate("inf")
+        parse_finite_rate("inf")
 
 
 def test_reference_is_pdserve_disagg_when_run_else_the_first_target():

@@ -12,7 +12,7 @@ import signal
 
 import pytest
 
-from pdserve_tools.bench.goodput import Climb, parse_slo, slo_rows
+from pdserve_tools.bench.goodput import Climb, parse_share, parse_slo, slo_rows
 from pdserve_tools.bench.goodput_curve import Goodput, Point, climb, max_rate, median_goodput
 from pdserve_tools.bench.serve import run_to_end
 from pdserve_tools.bench.serve_metrics import RequestTrace
@@ -127,3 +127,10 @@ def test_sigterm_cancels_a_benchmark_so_its_cleanup_runs():
         run_to_end(main())
     assert cleaned == ["stopped"]
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone again
+
+
+def test_the_share_of_requests_is_checked_before_any_target_starts():
+    assert parse_share("0.9") == 0.9 and parse_share("1") == 1.0
+    for bad in ("0", "1.5", "most"):
+        with pytest.raises(argparse.ArgumentTypeError, match="share"):
+            parse_share(bad)

@@ -35,7 +35,16 @@ from tqdm import tqdm
 from pdserve.config import SloConfig, load_config
 from pdserve_tools.bench.goodput_curve import Goodput, Point, attainment, climb, max_rate, median_goodput
 from pdserve_tools.bench.report import table, write_json
-from pdserve_tools.bench.serve import Plan, Run, positive_int, rate_key, run_once, run_to_end, warm_up
+from pdserve_tools.bench.serve import (
+    Plan,
+    Run,
+    parse_finite_rate,
+    positive_int,
+    rate_key,
+    run_once,
+    run_to_end,
+    warm_up,
+)
 from pdserve_tools.bench.serve_data import add_dataset_arguments, build_requests, describe, warmup_requests
 from pdserve_tools.bench.serve_metrics import RequestTrace
 from pdserve_tools.bench.serve_targets import CLIENTS, PEER_TARGETS, TARGETS, TargetSpec, started
@@ -43,8 +52,9 @@ from pdserve_tools.bench.workload import ArrivalConfig
 from pdserve_tools.slo import Slo
 
 DEFAULT_TARGETS = ["pdserve-disagg", "pdserve-sooner", "pdserve-colocated", "vllm-2x", "vllm-disagg"]
-# DistServe's two kinds of objective; the tight one's TPOT sits about 3x above a decode step of SmolLM2 on one of
-# this machine's cores with a few requests in the batch (50-65 ms), its TTFT about 4x a 400-token prefill.
+# DistServe's two kinds of objective. On a fast day of this machine the tight one's TPOT sits about 3x above a
+# decode step of SmolLM2 on one core with a few requests in the batch (36-54 ms), its TTFT about 4x a 400-token
+# prefill (0.5 s); on a slow day it nears a lone long prompt's latency (docs/benchmarks/goodput.md).
 DEFAULT_SLOS = ["loose:5000:250", "tight:2000:150"]
 DEFAULT_RATES = [0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0]
 BASELINE = "vllm-2x"
@@ -75,14 +85,15 @@ def parse_slo(text: str) -> NamedSlo:
     return NamedSlo(parts[0], Slo(ttft_s=ttft_ms / 1000, tpot_s=tpot_ms / 1000))
 
 
-def finite_rate(text: str) -> float:
+def parse_share(text: str) -> float:
+    """An argparse type: a share of requests in (0, 1]."""
     try:
-        rate = float(text)
+        value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a rate in requests per second") from None
-    if not 0 < rate < math.inf:
-        raise argparse.ArgumentTypeError(f"a rate must be finite and > 0, got {text!r}")
-    return rate
+        raise argparse.ArgumentTypeError(f"{text!r} is not a share (a number in (0, 1])") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"a share must lie in (0, 1], got {text!r}")
+    return value
 
 
 def non_negative(text: str) -> float:
@@ -99,12 +110,6 @@ def non_negative(text: str) -> float:
 class SeedResult:
     points: dict[str, list[Point]]  # per SLO name
     runs: list[Run]
-
-
-def requests_at(rate: float, least: int, min_duration_s: float) -> int:
-    """Requests in a run at `rate`: at least `least`, and enough to keep arriving for `min_duration_s`, so that a
-    queue a target cannot keep up with grows for that long instead of ending with a short burst."""
-    return max(least, math.ceil(rate * min_duration_s))
 
 
 @dataclass(frozen=True)
@@ -256,11 +261,11 @@ def add_parser(bsub: Any, func: Any) -> None:
     b.add_argument("--requests", type=positive_int, default=24, help="requests per run, at least")
     b.add_argument("--min-duration-s", type=non_negative, default=30.0,
                    help="and enough requests to keep arriving this long at each rate (rate x this)")
-    b.add_argument("--rates", type=finite_rate, nargs="+", default=DEFAULT_RATES, help="offered rates, req/s")
+    b.add_argument("--rates", type=parse_finite_rate, nargs="+", default=DEFAULT_RATES, help="offered rates, req/s")
     b.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one request set and schedule each")
     b.add_argument("--slo", type=parse_slo, action="append",
                    help=f"NAME:TTFT_MS:TPOT_MS, repeatable (default: {' and '.join(DEFAULT_SLOS)})")
-    b.add_argument("--target-share", type=float, default=0.9, help="share of requests that must meet the SLO")
+    b.add_argument("--target-share", type=parse_share, default=0.9, help="share of requests that must meet the SLO")
     b.add_argument("--timeout", type=float, default=600.0, help="per-request deadline, seconds")
     b.add_argument("--out", default="bench-results/goodput.json")
     b.set_defaults(func=func)

@@ -100,11 +100,11 @@ def parse_rate(text: str) -> float:
     return rate
 
 
-def parse_search_rate(text: str) -> float:
-    """An argparse type: a finite positive rate (a search bisects between two)."""
+def parse_finite_rate(text: str) -> float:
+    """An argparse type: a finite positive rate (a search's bound, a goodput climb's step)."""
     rate = parse_rate(text)
     if math.isinf(rate):
-        raise argparse.ArgumentTypeError("a search bound must be finite")
+        raise argparse.ArgumentTypeError("this rate must be finite (inf sends every request at once)")
     return rate
 
 
@@ -370,7 +370,7 @@ def add_parser(bsub: Any, func: Any) -> None:
     b.add_argument("--rate", type=parse_rate, nargs="+", help="offered rates, req/s (inf: all at once); default 1")
     b.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of the gaps; 1 is Poisson")
     b.add_argument("--max-concurrency", type=positive_int, help="at most this many requests in flight (closed loop)")
-    b.add_argument("--search", type=parse_search_rate, nargs=2, metavar=("LOW", "HIGH"),
+    b.add_argument("--search", type=parse_finite_rate, nargs=2, metavar=("LOW", "HIGH"),
                    help="find the highest rate in [LOW, HIGH] with --search-target of requests in the SLO")
     b.add_argument("--search-tolerance", type=float, default=0.1, help="req/s; the search stops this close")
     b.add_argument("--search-target", type=float, default=0.9, help="share of requests that must meet the SLO")
