@@ -112,6 +112,12 @@ class SeedResult:
     runs: list[Run]
 
 
+def run_size(rate: float, least: int, min_duration_s: float) -> int:
+    """Requests in a run at `rate`: at least `least`, and enough to keep arriving for `min_duration_s`, so that a
+    queue a target cannot keep up with grows that long instead of ending with a short burst."""
+    return max(least, math.ceil(rate * min_duration_s))
+
+
 @dataclass(frozen=True)
 class Climb:
     """What every target is put through, per seed."""
@@ -124,9 +130,7 @@ class Climb:
     min_duration_s: float  # and enough to keep arriving this long
 
     def requests_at(self, rate: float) -> int:
-        """Requests in a run at `rate`: at least `least`, and enough to keep arriving for `min_duration_s`, so
-        that a queue a target cannot keep up with grows that long instead of ending with a short burst."""
-        return max(self.least, math.ceil(rate * self.min_duration_s))
+        return run_size(rate, self.least, self.min_duration_s)
 
 
 async def bench_target(spec: TargetSpec, climbing: Climb) -> dict[int, SeedResult]:
@@ -229,15 +233,14 @@ def main(args: argparse.Namespace) -> int:
     logs = Path(args.out).parent / f"{Path(args.out).stem}-logs"
     specs = [TargetSpec(name, base, args.model, args.client, logs, args.in_process) for name in args.targets]
     engine = specs[0].engine
-    least = args.requests
-    most = max(least, math.ceil(max(args.rates) * args.min_duration_s))
+    most = run_size(max(args.rates), args.requests, args.min_duration_s)  # the highest rate's run needs the most
     plans = {}
     for seed in args.seeds:
         requests = build_requests(argparse.Namespace(**{**vars(args), "seed": seed, "requests": most}), engine,
                                   base.router.max_tokens_limit)
         plans[seed] = Plan(requests, warmup_requests(seed), (), ArrivalConfig(math.inf, 1.0, seed), None,
                            args.timeout, slos[0].slo, None)
-    climbing = Climb(plans, slos, args.rates, args.target_share, least, args.min_duration_s)
+    climbing = Climb(plans, slos, args.rates, args.target_share, args.requests, args.min_duration_s)
     results = {spec.name: run_to_end(bench_target(spec, climbing)) for spec in specs}
     print_report(args, slos, results, args.target_share)
     data = to_json(args, slos, results, args.target_share)
