@@ -38,6 +38,7 @@ from pdserve_tools.bench.report import table, write_json
 from pdserve_tools.bench.serve import (
     Plan,
     Run,
+    converted,
     parse_finite_rate,
     positive_int,
     rate_key,
@@ -87,20 +88,14 @@ def parse_slo(text: str) -> NamedSlo:
 
 def parse_share(text: str) -> float:
     """An argparse type: a share of requests in (0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a share (a number in (0, 1])") from None
+    value = converted(text, float, "a share (a number in (0, 1])")
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"a share must lie in (0, 1], got {text!r}")
     return value
 
 
 def non_negative(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    value = converted(text, float, "a number of seconds")
     if not 0 <= value < math.inf:
         raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
     return value

@@ -30,7 +30,7 @@ import math
 import signal
 import sys
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -89,12 +89,17 @@ class TargetResult:
     probes: list[Run] = field(default_factory=list)  # the search's runs, in the order run
 
 
+def converted(text: str, convert: Callable[[str], T], what: str) -> T:
+    """An argparse type's first step: `convert(text)`, or an error saying that `text` is not `what`."""
+    try:
+        return convert(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+
+
 def parse_rate(text: str) -> float:
     """An argparse type: a positive number of requests per second, or inf."""
-    try:
-        rate = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a rate (a number of requests per second, or inf)") from None
+    rate = converted(text, float, "a rate (a number of requests per second, or inf)")
     if not rate > 0:
         raise argparse.ArgumentTypeError(f"a rate must be > 0 (inf: all at once), got {text!r}")
     return rate
@@ -109,10 +114,7 @@ def parse_finite_rate(text: str) -> float:
 
 
 def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    value = converted(text, int, "an integer")
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
